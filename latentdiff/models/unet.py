@@ -162,7 +162,8 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                 heads[i], context_dims[i], transformer_layers[i], use_linear_projection, cross_only[i], upcast_attention
             )
 
-        # 1. time (and class) embedding
+        # 1. input projection, time (and class) embedding
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=conv_in_kernel // 2)
         time_embed_dim = block_out_channels[0] * 4
         self.time_proj = SinusoidalTimesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn)
@@ -173,7 +174,6 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         resnet = ResnetSpec(time_embed_dim, norm_num_groups, norm_eps, act_fn, dropout, resnet_time_scale_shift)
 
         # 2. down path
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=conv_in_kernel // 2)
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(down_block_types):
             self.down_blocks.append(

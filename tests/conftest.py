@@ -1,0 +1,68 @@
+"""Shared tiny configurations and fixtures: built once per test session, reused everywhere."""
+
+import pytest
+import torch
+
+# Three UNet configs that cover the SD-1.x / SD-2.x variants of the interop contract (DESIGN.md).
+UNET_CONFIGS = {
+    # SD-1.x: conv proj_in/out, one head count for all blocks.
+    "sd1": dict(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ),
+    # SD-2.x: linear projection, per-block head counts, upcast attention.
+    "sd2": dict(
+        sample_size=8,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    ),
+    # AdaGN time injection, class labels, the other sinusoid convention, LDM-style downsample padding.
+    "scale_shift_class": dict(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift",
+        num_class_embeds=10,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+    ),
+}
+
+
+@pytest.fixture(params=sorted(UNET_CONFIGS))
+def unet_config(request) -> dict:
+    """Each tiny UNet config in turn, with a ``name`` for messages."""
+    return dict(UNET_CONFIGS[request.param])
+
+
+def unet_inputs(config: dict, batch: int = 2, seed: int = 0, size: int | None = None) -> dict:
+    """Deterministic forward inputs for a UNet config (class labels when it is class-conditional)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = size or config["sample_size"]
+    inputs = dict(
+        sample=torch.randn(batch, 4, size, size, generator=generator),
+        timestep=torch.tensor([10, 900][:batch] + [500] * max(batch - 2, 0)),
+        encoder_hidden_states=torch.randn(batch, 7, config["cross_attention_dim"], generator=generator),
+    )
+    if config.get("num_class_embeds"):
+        inputs["class_labels"] = torch.arange(batch) % config["num_class_embeds"]
+    return inputs
