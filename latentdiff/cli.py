@@ -1,0 +1,131 @@
+"""`latentdiff demo|train|generate|push|tokenizer`: thin argument parsing over the library.
+
+The only module that prints. Bad input surfaces as one ``error: …`` line and exit status 2, not a traceback.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+# Errors that mean "the input was wrong", worded for the user by the code that raised them.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ModuleNotFoundError, OSError)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .generate import generate_images
+
+    result = generate_images(
+        args.model,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        num_images_per_prompt=args.num_images,
+        height=args.height,
+        width=args.width,
+        output_dir=args.output_dir,
+        device=args.device,
+    )
+    for path in result.image_paths:
+        print(path)
+    print(f"grid: {result.grid_path}")
+
+
+def _tokenizer_build(args: argparse.Namespace) -> None:
+    from .tokenizer import build_clip_tokenizer
+
+    build_clip_tokenizer(args.out_dir)
+    print(f"CLIP tokenizer written to {args.out_dir}")
+
+
+def _train(argv: list[str]) -> None:
+    from .training import parse_train_args, train
+
+    output_dir = train(parse_train_args(argv))
+    print(f"model saved to {output_dir}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    result = run_demo(preset=args.preset, output_dir=args.output_dir, rebuild_base=args.rebuild_base)
+    print(result.summary())
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .hub import push_folder
+
+    url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private)
+    print(f"pushed {args.folder} to {url}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentdiff", description="Latent text-to-image diffusion.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="fine-tune the embedded emoji model end to end and write a grid")
+    demo.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="training budget (default: cpu)")
+    demo.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="default: outputs/demo")
+    demo.add_argument("--rebuild-base", action="store_true", help="retrain the tiny base model instead of the committed one")
+    demo.set_defaults(handler=_demo)
+
+    commands.add_parser(
+        "train",
+        help="fine-tune a model (the options of train_scripts/train_text_to_image.py; `latentdiff train --help`)",
+        add_help=False,
+    )
+
+    generate = commands.add_parser("generate", help="generate images from a saved model folder or Hub id")
+    generate.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    generate.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    generate.add_argument("--negative-prompt", default=None)
+    generate.add_argument("--scheduler", default="ddim", help="ddim, ddpm, or another diffusers scheduler's short name")
+    generate.add_argument("--steps", type=int, default=50)
+    generate.add_argument("--guidance-scale", type=float, default=7.5)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--output-dir", type=Path, default=Path("outputs/generated"))
+    generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    generate.set_defaults(handler=_generate)
+
+    push = commands.add_parser("push", help="upload a saved pipeline folder to the Hugging Face Hub")
+    push.add_argument("folder", type=Path)
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--token", default=None, help="default: the HF_TOKEN environment variable or saved login")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(handler=_push)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    build = tokenizer_commands.add_parser("build", help="write SD's CLIP tokenizer from open-clip-torch's vocabulary")
+    build.add_argument("out_dir", type=Path)
+    build.set_defaults(handler=_tokenizer_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("latentdiff").setLevel(logging.INFO)
+    try:
+        if argv[:1] == ["train"]:  # its options come from TrainConfig, parsed by HfArgumentParser
+            _train(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        args.handler(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
