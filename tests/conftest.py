@@ -1,5 +1,7 @@
 """Shared tiny configurations and fixtures: built once per test session, reused everywhere."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +68,20 @@ def unet_inputs(config: dict, batch: int = 2, seed: int = 0, size: int | None = 
     if config.get("num_class_embeds"):
         inputs["class_labels"] = torch.arange(batch) % config["num_class_embeds"]
     return inputs
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """Stable Diffusion's CLIP tokenizer, built once from open-clip-torch's BPE file (no download)."""
+    from latentdiff.tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_path(tmp_path_factory) -> Path:
+    """A tiny random SD-style pipeline folder (32×32 images, DDIM), saved once; load it with `from_pretrained`
+    exactly as a user loads a Hub id. Treat it as read-only: copy it before changing files."""
+    from latentdiff.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline") / "tiny-sd", seed=0)

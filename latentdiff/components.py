@@ -1,0 +1,178 @@
+"""Load the parts of a latent text-to-image model from a local diffusers folder or a Hub id.
+
+A Stable Diffusion checkpoint is a folder with ``vae/``, ``text_encoder/``, ``tokenizer/``, ``unet/`` and
+``scheduler/``. Whatever the folder's ``model_index.json`` says, the UNet always loads as *our*
+`UNet2DConditionModel` (same config keys and weights as diffusers'). Weights load from safetensors only unless
+the caller opts in to pickle files, which can run arbitrary code when unpickled.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from huggingface_hub import snapshot_download
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .models import UNet2DConditionModel
+
+PIPELINE_FOLDERS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+WEIGHT_FOLDERS = ("vae", "text_encoder", "unet")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass
+class ModelComponents:
+    """The five parts of a latent text-to-image model, as `load_components` returns them."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+
+
+def _hub_patterns(variant: str | None, allow_pickle: bool) -> tuple[list[str], list[str]]:
+    """Files of a Hub repo that the five parts need: configs, tokenizer files, and one set of weights."""
+    allow = ["model_index.json"] + [f"{sub}/*.json" for sub in PIPELINE_FOLDERS] + ["tokenizer/*.txt"]
+    suffixes = ["safetensors"] + (["bin"] if allow_pickle else [])
+    ignore = []
+    for sub in WEIGHT_FOLDERS:
+        for suffix in suffixes:
+            if variant is None:  # plain weights only: skip e.g. diffusion_pytorch_model.fp16.safetensors
+                allow.append(f"{sub}/*.{suffix}")
+                ignore.append(f"{sub}/*.*.{suffix}")
+            else:
+                allow += [f"{sub}/*.{variant}.{suffix}", f"{sub}/*.{variant}-*.{suffix}"]
+    return allow, ignore
+
+
+def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse a folder whose model weights are missing or only in pickle formats (unless `allow_pickle`)."""
+    for sub in WEIGHT_FOLDERS:
+        path = folder / sub
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{folder} has no {sub}/ folder: a text-to-image model folder needs {', '.join(PIPELINE_FOLDERS)}."
+            )
+        names = sorted(p.name for p in path.iterdir())
+        if any(name.endswith(".safetensors") for name in names):
+            continue
+        pickled = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+        if not pickled:
+            raise FileNotFoundError(f"{path} holds no weights file (*.safetensors); found {names}.")
+        if not allow_pickle:
+            raise ValueError(
+                f"{path} holds only pickle weights {pickled}, and unpickling can run arbitrary code, so only "
+                "safetensors load by default. If you trust this checkpoint, pass allow_pickle=True "
+                "(or convert it to safetensors first)."
+            )
+
+
+def resolve_model_folder(
+    pretrained_model_name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    r"""The local folder of a model: the path itself, or the cached Hub snapshot of the files we need.
+
+    Only the five parts are fetched from the Hub (no safety checker, no other variants, pickle files only when
+    `allow_pickle`), then the weights are checked with `check_weight_files`.
+
+    Raises:
+        `FileNotFoundError`: The name is no local folder and the Hub could not be reached (or has no such model).
+        `ValueError`: The weights are pickle files and `allow_pickle` is `False`.
+    """
+    path = Path(pretrained_model_name_or_path)
+    if path.is_dir():
+        folder = path
+    else:
+        allow, ignore = _hub_patterns(variant, allow_pickle)
+        try:
+            folder = Path(
+                snapshot_download(
+                    str(pretrained_model_name_or_path),
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    allow_patterns=allow,
+                    ignore_patterns=ignore,
+                )
+            )
+        except (OSError, ValueError) as error:  # offline, no such repo, not a valid repo id, not in the cache
+            raise FileNotFoundError(
+                f"{str(pretrained_model_name_or_path)!r} is not a local folder, and the Hub could not be reached: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    check_weight_files(folder, allow_pickle)
+    return folder
+
+
+def load_unet(
+    folder: Path, *, variant: str | None = None, torch_dtype: torch.dtype | None = None, allow_pickle: bool = False
+) -> UNet2DConditionModel:
+    """Our UNet from a checked local folder's `unet/` (written by latentdiff or by diffusers)."""
+    return UNet2DConditionModel.from_pretrained(
+        folder,
+        subfolder="unet",
+        variant=variant,
+        torch_dtype=torch_dtype,
+        use_safetensors=None if allow_pickle else True,
+    )
+
+
+def load_components(
+    pretrained_model_name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    allow_pickle: bool = False,
+) -> ModelComponents:
+    r"""Load VAE, text encoder, tokenizer, our UNet and the noise scheduler of a Stable Diffusion-style model.
+
+    Args:
+        pretrained_model_name_or_path (`str` or `Path`): A local diffusers pipeline folder or a Hub id.
+        revision (`str`, *optional*): Hub branch, tag or commit.
+        variant (`str`, *optional*): Weights variant such as `"fp16"` (`diffusion_pytorch_model.fp16.safetensors`).
+        torch_dtype (`torch.dtype`, *optional*): Load the weights in this dtype (default: as saved, usually fp32).
+        cache_dir (`str` or `Path`, *optional*): Hub cache folder.
+        local_files_only (`bool`, *optional*, defaults to `False`): Use only the Hub cache, never the network.
+        allow_pickle (`bool`, *optional*, defaults to `False`): Also load `.bin`/`.ckpt` weights. Unpickling can
+            run arbitrary code: only for checkpoints you trust.
+
+    Returns:
+        `ModelComponents`. `scheduler` is the folder's scheduler config loaded as a `DDPMScheduler`, whatever class
+        the folder names (PNDM, DDIM, ...): training needs the forward process (`add_noise`, betas, prediction type),
+        which these share; pipelines keep the folder's own sampler.
+    """
+    folder = resolve_model_folder(
+        pretrained_model_name_or_path,
+        revision=revision,
+        variant=variant,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        allow_pickle=allow_pickle,
+    )
+    use_safetensors = None if allow_pickle else True
+    vae = AutoencoderKL.from_pretrained(
+        folder, subfolder="vae", variant=variant, torch_dtype=torch_dtype, use_safetensors=use_safetensors
+    )
+    text_encoder = CLIPTextModel.from_pretrained(
+        folder, subfolder="text_encoder", variant=variant, use_safetensors=use_safetensors
+    )
+    if torch_dtype is not None:  # set after loading: transformers renamed its dtype argument across versions
+        text_encoder = text_encoder.to(torch_dtype)
+    return ModelComponents(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        unet=load_unet(folder, variant=variant, torch_dtype=torch_dtype, allow_pickle=allow_pickle),
+        scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )

@@ -1,0 +1,174 @@
+"""Generate images to files: the library side of ``latentdiff generate`` (the CLI only parses and prints).
+
+Each image has its own seed (`seed + k` for the k-th image overall), drawn on the CPU, so an image is
+reproducible on any device and whatever batch it was generated in.
+"""
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+
+from latentdiff.pipelines import LatentDiffusionPipeline
+
+# Short name → (scheduler class, config overrides). Each is built with `from_config(pipe.scheduler.config)`,
+# so the model's noise schedule and prediction type carry over.
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpm++_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+@dataclass
+class GenerationResult:
+    """What `generate_images` wrote: one PNG per image (prompt-major order), their seeds, and the grid."""
+
+    image_paths: list[Path]
+    seeds: list[int]
+    grid_path: Path
+
+
+def _scheduler_entry(name: str) -> tuple[type, dict]:
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}.")
+    return SCHEDULERS[name]
+
+
+def set_scheduler(pipe: LatentDiffusionPipeline, name: str) -> None:
+    """Swap the pipeline's sampler by short name (see `SCHEDULERS`), keeping the model's noise schedule."""
+    cls, overrides = _scheduler_entry(name)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+
+
+def _resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype not in DTYPES:
+        raise ValueError(f"Unknown torch_dtype {torch_dtype!r}: choose one of {', '.join(DTYPES)}.")
+    return DTYPES[torch_dtype]
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _slug(text: str, max_length: int = 40) -> str:
+    """A file-name-safe short form of a prompt: "A red apple!" → "a-red-apple"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length].rstrip("-") or "empty"
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically (temp file + rename), so a crash never leaves a truncated image at `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Tile equally sized images row by row, `columns` per row."""
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def generate_images(
+    model: str,
+    prompts: list[str],
+    *,
+    output_dir: str | Path,
+    negative_prompt: str | None = None,
+    scheduler: str = "ddim",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    num_images_per_prompt: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+) -> GenerationResult:
+    r"""Load a model, generate `num_images_per_prompt` images per prompt, and write PNGs plus a grid.
+
+    Args:
+        model (`str`): Local pipeline folder or Hub id.
+        prompts (`list[str]`): The prompts; the grid has one row per prompt.
+        output_dir (`str` or `Path`): Created if needed; gets `{k:03d}-{prompt-slug}-seed{seed}.png` and `grid.png`.
+        negative_prompt (`str`, *optional*): Used for every prompt.
+        scheduler (`str`, *optional*, defaults to `"ddim"`): A key of `SCHEDULERS` (ddim, ddpm, euler, dpm++, ...).
+        num_inference_steps (`int`, *optional*, defaults to 50), guidance_scale (`float`, *optional*, defaults to 7.5).
+        seed (`int`, *optional*, defaults to 0): Image k (over all prompts) uses seed `seed + k`.
+        num_images_per_prompt (`int`, *optional*, defaults to 1).
+        height / width (`int`, *optional*): Default: the model's native size.
+        device (`str`, *optional*): Default: CUDA, else MPS, else CPU.
+        torch_dtype (`torch.dtype` or `str`, *optional*): e.g. `"fp16"` on a GPU; default float32.
+
+    Returns:
+        `GenerationResult` with the image paths, their seeds and the grid path.
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
+    _scheduler_entry(scheduler)  # fail before the (slow) model load
+    pipe = LatentDiffusionPipeline.from_pretrained(model, torch_dtype=_resolve_dtype(torch_dtype))
+    pipe = pipe.to(device or _default_device())
+    set_scheduler(pipe, scheduler)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    paths, seeds, images = [], [], []
+    for prompt in prompts:
+        prompt_seeds = [seed + len(seeds) + i for i in range(num_images_per_prompt)]
+        result = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            height=height,
+            width=width,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in prompt_seeds],
+        )
+        for image, image_seed in zip(result.images, prompt_seeds):
+            path = output_dir / f"{len(paths):03d}-{_slug(prompt)}-seed{image_seed}.png"
+            save_png(image, path)
+            paths.append(path)
+            images.append(image)
+        seeds += prompt_seeds
+    grid = output_dir / "grid.png"
+    save_png(make_grid(images, columns=num_images_per_prompt), grid)
+    return GenerationResult(image_paths=paths, seeds=seeds, grid_path=grid)

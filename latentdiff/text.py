@@ -1,0 +1,62 @@
+"""Prompts → token ids → text embeddings: the one place text becomes the UNet's conditioning.
+
+The pipeline (prompts, negative prompts, the empty prompt of classifier-free guidance) and training (captions,
+caption dropout to "") both go through these functions, so a model is sampled with exactly the conditioning it
+was trained on.
+"""
+
+import torch
+from diffusers.utils import logging
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.get_logger(__name__)
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> torch.LongTensor:
+    r"""Token ids of each prompt, padded and truncated to the tokenizer's `model_max_length` (77 for CLIP).
+
+    Prompts longer than that lose their end, as in Stable Diffusion; one warning per call says how many did.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): The pipeline's tokenizer (a `CLIPTokenizer` for SD).
+        prompts (`list[str]`): The prompts; `""` is the unconditional prompt.
+
+    Returns:
+        `torch.LongTensor` of shape `(len(prompts), tokenizer.model_max_length)`.
+    """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a list of strings, got {prompts!r}.")
+    max_length = tokenizer.model_max_length
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    full_lengths = [len(x) for x in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    cut = [i for i, n in enumerate(full_lengths) if n > max_length]
+    if cut:
+        first = tokenizer(prompts[cut[0]], verbose=False).input_ids[max_length - 1 : -1]
+        logger.warning(
+            f"{len(cut)} of {len(prompts)} prompts are longer than {max_length} tokens and were cut, "
+            f"e.g. prompt {cut[0]} lost: {tokenizer.decode(first)!r}"
+        )
+    return ids.input_ids
+
+
+def encode_prompts(text_encoder: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    r"""The text encoder's last hidden state for token ids: the UNet's `encoder_hidden_states`.
+
+    SD-1.x/2.x condition on every token's final hidden state (no pooling, no attention mask); gradients flow
+    unless the caller wraps this in `torch.no_grad()`, so training may fine-tune the encoder.
+
+    Args:
+        text_encoder (`PreTrainedModel`): A `CLIPTextModel` (or any encoder whose first output is `(B, L, D)`).
+        input_ids (`torch.Tensor`): `(B, L)` ids from `tokenize_prompts`; moved to the encoder's device.
+
+    Returns:
+        `torch.Tensor` of shape `(B, L, D)`, in the encoder's dtype.
+    """
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def embed_prompts(
+    tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str]
+) -> torch.Tensor:
+    """`encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts))`: prompts straight to `(B, L, D)`."""
+    return encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts))

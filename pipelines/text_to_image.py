@@ -1,0 +1,417 @@
+"""LatentDiffusionPipeline: text → image with our UNet, any diffusers scheduler and classifier-free guidance.
+
+It takes `StableDiffusionPipeline`'s arguments and reads and writes its folder format both ways:
+
+* `from_pretrained` opens any SD-1.x/2.x diffusers folder or Hub id, always with *our* `UNet2DConditionModel`
+  (same config keys and weights as diffusers'), safetensors only unless `allow_pickle=True`.
+* `save_pretrained` writes a folder whose `model_index.json` names `StableDiffusionPipeline` and diffusers'
+  `UNet2DConditionModel`, with no safety checker, so plain diffusers (without latentdiff) opens it with
+  `DiffusionPipeline.from_pretrained(folder)` or `StableDiffusionPipeline.from_pretrained(folder)`.
+"""
+
+import inspect
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from latentdiff.components import load_unet, resolve_model_folder
+from latentdiff.guidance import classifier_free_guidance, rescale_guidance
+from latentdiff.models import UNet2DConditionModel
+from latentdiff.text import embed_prompts
+from latentdiff.tokenizer import save_vocab_files
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# What model_index.json says, so that plain diffusers loads our folders as a Stable Diffusion pipeline.
+STABLE_DIFFUSION_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    r"""Text-to-image generation with a latent diffusion model (Stable Diffusion 1.x/2.x layout).
+
+    Args:
+        vae (`AutoencoderKL`): Encodes images to latents and decodes latents to images.
+        text_encoder (`CLIPTextModel`): Turns token ids into the UNet's conditioning `(B, 77, D)`.
+        tokenizer (`CLIPTokenizer`): Turns prompts into token ids.
+        unet (`latentdiff.UNet2DConditionModel`): Predicts the noise (or v) in the latents.
+        scheduler (`SchedulerMixin`): Any diffusers scheduler (DDIM, DDPM, Euler, DPM-Solver++, ...); swap it with
+            `pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = []
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ---- loading and saving ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, allow_pickle: bool = False, **kwargs: Any
+    ) -> "LatentDiffusionPipeline":
+        r"""Load a pipeline from a diffusers folder or a Hub id, with our UNet whatever `model_index.json` names.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): Local folder or Hub id (SD-1.x/2.x layout).
+            allow_pickle (`bool`, *optional*, defaults to `False`): Also load `.bin` weights (unpickling can run
+                arbitrary code: only for checkpoints you trust).
+            kwargs: As `DiffusionPipeline.from_pretrained`: `revision`, `variant`, `torch_dtype`, `cache_dir`,
+                `local_files_only`, components to use instead of the saved ones (`scheduler=...`), ...
+        """
+        folder = resolve_model_folder(
+            pretrained_model_name_or_path,
+            revision=kwargs.pop("revision", None),
+            variant=kwargs.get("variant"),
+            cache_dir=kwargs.pop("cache_dir", None),
+            local_files_only=kwargs.pop("local_files_only", False),
+            allow_pickle=allow_pickle,
+        )
+        if "unet" not in kwargs:
+            dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+            if isinstance(dtype, dict):  # diffusers' per-component dtypes
+                dtype = dtype.get("unet", dtype.get("default"))
+            kwargs["unet"] = load_unet(
+                folder, variant=kwargs.get("variant"), torch_dtype=dtype, allow_pickle=allow_pickle
+            )
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+        return super().from_pretrained(folder, **kwargs)
+
+    def to_json_string(self) -> str:
+        """`model_index.json` in Stable Diffusion's form (see the module docstring), so plain diffusers loads it."""
+        config = json.loads(super().to_json_string())
+        config.update(STABLE_DIFFUSION_INDEX)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write `model_index.json`; `save_pretrained` calls this after the components, before any upload.
+
+        It also adds `vocab.json` + `merges.txt` to `tokenizer/` (transformers 5 writes only `tokenizer.json`,
+        which transformers 4's `CLIPTokenizer` cannot read), so the folder loads with either version.
+        """
+        if (Path(save_directory) / "tokenizer").is_dir():
+            save_vocab_files(self.tokenizer, Path(save_directory) / "tokenizer")
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # ---- diffusers' memory helpers -----------------------------------------------------------------------------
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one image at a time: less memory for large batches."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode in overlapping tiles: less memory for large images."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    # ---- the state callbacks may read (as in diffusers) --------------------------------------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """CFG costs a second UNet half-batch; at scale ≤ 1 it is the conditional model anyway, so skip it."""
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    # ---- the steps of __call__ ---------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        timesteps: list[int] | None,
+        num_images_per_prompt: int,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> None:
+        """Every argument problem as one clear `ValueError`, before any model runs."""
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"height and width must be divisible by the VAE factor {self.vae_scale_factor}, got {height}x{width}."
+            )
+        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        if timesteps is not None and "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} does not take custom timesteps; use num_inference_steps."
+            )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of prompt and prompt_embeds (got both or neither).")
+        if prompt is not None and not (isinstance(prompt, str) or _is_str_list(prompt)):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of negative_prompt and negative_prompt_embeds (got both).")
+        if negative_prompt is not None and not (isinstance(negative_prompt, str) or _is_str_list(negative_prompt)):
+            raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}.")
+        batch = _batch_size(prompt, prompt_embeds)
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but there are {batch} prompts: give one per "
+                "prompt, or a single string for all."
+            )
+        if negative_prompt_embeds is not None and prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
+                )
+        elif negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != batch:
+            raise ValueError(
+                f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows but there are {batch} prompts."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
+                f"{self._callback_tensor_inputs}."
+            )
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""Text embeddings `(B·n, L, D)` for the prompts and, with guidance, for the negative (default `""`) ones.
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)`; the second is `None` without classifier-free guidance.
+        """
+        dtype = self.unet.dtype
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts)
+        batch = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+            negative_prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, negatives)
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Initial noise x_T `(B, C, H/f, W/f)` (or the given latents), scaled by the scheduler's initial sigma."""
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt): "
+                "pass one generator, or one per image."
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, but this call needs {shape}.")
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None, eta: float) -> dict:
+        """`eta` (DDIM's η) and `generator` (stochastic samplers) for the schedulers whose `step` takes them."""
+        accepted = inspect.signature(self.scheduler.step).parameters
+        return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
+        """x_0 latents → images in `output_type` (`"latent"` returns them as they are)."""
+        if output_type == "latent":
+            return latents
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor  # undo the training-time scaling
+        images = self.vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        callback_on_step_end: Callable[["LatentDiffusionPipeline", int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> StableDiffusionPipelineOutput | tuple:
+        r"""Generate images from text.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): What to draw; or pass `prompt_embeds`.
+            height / width (`int`, *optional*, defaults to the UNet's `sample_size` × the VAE factor): Image size,
+                a multiple of the VAE factor.
+            num_inference_steps (`int`, *optional*, defaults to 50): Denoising steps; more is slower and finer.
+            timesteps (`list[int]`, *optional*): Custom descending timesteps, for schedulers that accept them.
+            guidance_scale (`float`, *optional*, defaults to 7.5): Classifier-free guidance `s` in
+                `ε = ε_u + s (ε_c − ε_u)`; `≤ 1` disables guidance (and the unconditional half-batch).
+            negative_prompt (`str` or `list[str]`, *optional*): What to steer away from (replaces `""` as ε_u's prompt).
+            num_images_per_prompt (`int`, *optional*, defaults to 1): Images per prompt.
+            eta (`float`, *optional*, defaults to 0.0): DDIM's η: 0 is deterministic DDIM, 1 matches DDPM's noise.
+            generator (`torch.Generator` or a list, one per image, *optional*): For reproducible noise.
+            latents (`torch.Tensor`, *optional*): Initial noise `(B·n, C, H/f, W/f)` instead of a fresh draw.
+            prompt_embeds / negative_prompt_embeds (`torch.Tensor`, *optional*): Precomputed text embeddings.
+            output_type (`str`, *optional*, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`): Output dataclass, or a tuple `(images, None)`.
+            guidance_rescale (`float`, *optional*, defaults to 0.0): Rescale of guided ε towards ε_c's std (Lin et
+                al. 2024, sec. 3.4); helps with zero-terminal-SNR models at high guidance.
+            callback_on_step_end (`Callable` or diffusers' `PipelineCallback`, *optional*): Called as
+                `callback(pipe, i, t, tensors)` after each step; it may return a dict replacing any of those tensors.
+                As in diffusers, with guidance `prompt_embeds` is the batch `[negative; positive]` the UNet sees, so
+                `diffusers.callbacks.SDCFGCutoffCallback` works.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`): Which of
+                `latents`, `prompt_embeds`, `negative_prompt_embeds` the callback receives.
+
+        Returns:
+            `StableDiffusionPipelineOutput` with `images` (list of PIL images, an array `(B, H, W, 3)` in [0, 1], a
+            tensor `(B, 3, H, W)`, or latents), and `nsfw_content_detected=None` (no safety checker).
+        """
+        # 0. defaults and checks
+        sample_size = self.unet.config.sample_size
+        sample_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        height = height or sample_size[0] * self.vae_scale_factor
+        width = width or sample_size[1] * self.vae_scale_factor
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # diffusers' callback objects
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            prompt, height, width, num_inference_steps, timesteps, num_images_per_prompt, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+        batch_size = _batch_size(prompt, prompt_embeds) * num_images_per_prompt
+
+        # 1. text: (B·n, L, D); with guidance [uncond; cond] (2·B·n, L, D), as diffusers' callbacks expect
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds,
+        )  # fmt: skip
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 2. timesteps and initial noise x_T
+        if timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = self.prepare_latents(batch_size, height, width, self.unet.dtype, device, generator, latents)
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        # 3. denoise: one UNet call per step on [uncond; cond] when guiding
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                guided = self.do_classifier_free_guidance  # a callback may turn guidance off mid-way
+                model_input = torch.cat([latents] * 2) if guided else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                if guided:
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = classifier_free_guidance(noise_uncond, noise_cond, self.guidance_scale)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_guidance(noise_pred, noise_cond, guidance_rescale)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]  # x_{t-1}
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    tensors["negative_prompt_embeds"] = negative_prompt_embeds
+                    updates = callback_on_step_end(
+                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    )
+                    latents = updates.pop("latents", latents)
+                    prompt_embeds = updates.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+
+        # 4. decode
+        images = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, None
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
+
+
+def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
+    if prompt is None:
+        return prompt_embeds.shape[0]
+    return 1 if isinstance(prompt, str) else len(prompt)

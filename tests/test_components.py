@@ -1,0 +1,79 @@
+"""load_components: our UNet from any SD folder, safetensors only by default, one clear error when unreachable."""
+
+import shutil
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers import UNet2DConditionModel as DiffusersUNet
+
+from latentdiff.components import ModelComponents, load_components
+from latentdiff.models import UNet2DConditionModel
+
+
+def test_loads_all_parts_with_our_unet(tiny_pipeline_path):
+    parts = load_components(tiny_pipeline_path)
+    assert isinstance(parts, ModelComponents)
+    assert type(parts.unet) is UNet2DConditionModel
+    assert isinstance(parts.scheduler, DDPMScheduler)  # the folder saved a DDIMScheduler: same schedule, DDPM class
+    assert parts.scheduler.config.beta_schedule == "scaled_linear" and parts.scheduler.config.beta_end == 0.012
+    assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
+    assert len(parts.tokenizer) == 49408
+    # the saved weights are the ones loaded (diffusers' UNet reads the same file)
+    reference = DiffusersUNet.from_pretrained(tiny_pipeline_path, subfolder="unet")
+    torch.testing.assert_close(parts.unet.state_dict(), reference.state_dict())
+
+
+def test_torch_dtype_applies_to_every_model(tiny_pipeline_path):
+    parts = load_components(tiny_pipeline_path, torch_dtype=torch.bfloat16)
+    assert {parts.vae.dtype, parts.text_encoder.dtype, parts.unet.dtype} == {torch.bfloat16}
+
+
+def test_pickle_weights_need_allow_pickle(tiny_pipeline_path, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_pipeline_path, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(folder / "unet", safe_serialization=False)  # writes diffusion_pytorch_model.bin
+    with pytest.raises(ValueError, match=r"only pickle weights.*allow_pickle=True"):
+        load_components(folder)
+    parts = load_components(folder, allow_pickle=True)
+    torch.testing.assert_close(parts.unet.state_dict(), unet.state_dict())
+
+
+def test_missing_part_is_named(tiny_pipeline_path, tmp_path):
+    folder = tmp_path / "no_vae"
+    shutil.copytree(tiny_pipeline_path, folder, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(FileNotFoundError, match="has no vae/ folder"):
+        load_components(folder)
+
+
+@pytest.mark.parametrize("name", ["no-such-org/no-such-model", "./not/a/folder/nor/an/id"])
+def test_unreachable_hub_id_gives_one_clear_error(name, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a local folder, and the Hub could not be reached"):
+        load_components(name, cache_dir=tmp_path, local_files_only=True)
+
+
+def test_hub_download_fetches_only_the_five_parts_in_one_format():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from latentdiff.components import _hub_patterns
+
+    repo = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+            "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors", "tokenizer/merges.txt",
+            "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+            "v1-5-pruned.ckpt"]  # fmt: skip
+
+    def fetched(variant, allow_pickle):
+        allow, ignore = _hub_patterns(variant, allow_pickle)
+        return {f for f in filter_repo_objects(repo, allow_patterns=allow, ignore_patterns=ignore) if "/" in f}
+
+    common = {"unet/config.json", "tokenizer/merges.txt"}
+    assert fetched(None, False) == common | {
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    }
+    assert fetched("fp16", False) == common | {
+        "unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors"}  # fmt: skip
+    assert "unet/diffusion_pytorch_model.bin" in fetched(None, True)

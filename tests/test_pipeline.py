@@ -1,0 +1,346 @@
+"""LatentDiffusionPipeline: a correct sampler, StableDiffusionPipeline's behaviour, and folders that move both ways."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import UNet2DConditionModel as DiffusersUNet
+from diffusers.callbacks import SDCFGCutoffCallback
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from PIL import Image
+from transformers import CLIPTextModel
+
+from latentdiff.generate import SCHEDULERS, generate_images
+from latentdiff.models import UNet2DConditionModel
+from latentdiff.pipelines import LatentDiffusionPipeline
+from latentdiff.tiny import tiny_components
+
+STEPS = 3
+PROMPTS = ["a photo of a cat", "red apple, fruit emoji"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_path) -> LatentDiffusionPipeline:
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def with_scheduler(pipe: DiffusionPipeline, scheduler_cls: type, **overrides) -> DiffusionPipeline:
+    """A pipeline of the same class sharing `pipe`'s models, with another sampler (`pipe` stays untouched)."""
+    components = dict(pipe.components, scheduler=scheduler_cls.from_config(pipe.scheduler.config, **overrides))
+    new = type(pipe)(**components)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def run(pipe, seed: int = 0, **kwargs):
+    kwargs = {"prompt": PROMPTS[0], "num_inference_steps": STEPS, "output_type": "np", **kwargs}
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+# ---- the sampler is right ----------------------------------------------------------------------------------------
+
+
+class ExactNoiseUNet(ModelMixin, ConfigMixin):
+    """Stand-in UNet that knows the clean latent x0: ε = (x_t − √ᾱ_t x0) / √(1 − ᾱ_t), ignoring the text."""
+
+    @register_to_config
+    def __init__(self, sample_size: int = 8, in_channels: int = 4):
+        super().__init__()
+        self.register_buffer("x0", torch.zeros(1, in_channels, sample_size, sample_size))
+        self.register_buffer("alphas_cumprod", torch.ones(1000))
+        self.batch_sizes = []
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=True, **kwargs):
+        self.batch_sizes.append(sample.shape[0])
+        alpha_bar = self.alphas_cumprod[int(timestep)]
+        return ((sample - alpha_bar.sqrt() * self.x0) / (1 - alpha_bar).sqrt(),)
+
+
+@pytest.fixture
+def exact_pipe(pipe):
+    unet = ExactNoiseUNet()
+    unet.x0.copy_(torch.randn(unet.x0.shape, generator=torch.Generator().manual_seed(7)))
+    unet.alphas_cumprod.copy_(pipe.scheduler.alphas_cumprod)
+    components = dict(pipe.components, unet=unet)
+    return LatentDiffusionPipeline(**components), unet
+
+
+@pytest.mark.parametrize(
+    "scheduler_cls, overrides",
+    [(DDIMScheduler, {"set_alpha_to_one": True}), (DDPMScheduler, {})],  # DDIM's last step then lands on ᾱ = 1
+)
+def test_sampler_recovers_the_clean_latent_from_exact_noise(exact_pipe, scheduler_cls, overrides):
+    exact, unet = exact_pipe
+    exact = with_scheduler(exact, scheduler_cls, **overrides)
+    latents = run(exact, output_type="latent", guidance_scale=1.0, num_inference_steps=4)
+    torch.testing.assert_close(latents, unet.x0, atol=1e-4, rtol=0)
+
+
+def test_identical_conditional_and_unconditional_predictions_equal_no_guidance(exact_pipe):
+    exact, unet = exact_pipe
+    guided = run(exact, output_type="latent", guidance_scale=7.5, eta=1.0, seed=3)
+    assert unet.batch_sizes == [2] * STEPS  # [uncond; cond] in one UNet call per step
+    unet.batch_sizes.clear()
+    plain = run(exact, output_type="latent", guidance_scale=1.0, eta=1.0, seed=3)
+    assert unet.batch_sizes == [1] * STEPS  # guidance_scale <= 1 skips the unconditional half
+    torch.testing.assert_close(guided, plain, atol=1e-5, rtol=0)
+
+
+def test_diffusers_cfg_cutoff_callback_drops_the_unconditional_half(exact_pipe):
+    exact, unet = exact_pipe
+    run(exact, output_type="latent", callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+    assert unet.batch_sizes == [2, 2, 1]  # cut after step int(3 · 0.5) = 1
+
+
+# ---- behaviour ---------------------------------------------------------------------------------------------------
+
+
+def test_seeds_are_reproducible_and_distinct(pipe):
+    first, again, other = run(pipe, seed=0), run(pipe, seed=0), run(pipe, seed=1)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_batch_shapes_and_output_types(pipe):
+    images = run(pipe, prompt=PROMPTS, num_images_per_prompt=2, output_type="pil")
+    assert len(images) == 4 and all(isinstance(i, Image.Image) and i.size == (32, 32) for i in images)
+    array = run(pipe, prompt=PROMPTS, num_images_per_prompt=2, output_type="np")
+    assert array.shape == (4, 32, 32, 3) and 0 <= array.min() and array.max() <= 1
+    np.testing.assert_allclose(np.stack([np.asarray(i) for i in images]), np.round(array * 255), atol=1)
+    tensor = run(pipe, prompt=PROMPTS[0], num_images_per_prompt=3, output_type="pt")
+    assert tensor.shape == (3, 3, 32, 32)
+    assert run(pipe, output_type="latent", height=48, width=64).shape == (1, 4, 12, 16)
+    images, nsfw = pipe(PROMPTS[0], num_inference_steps=1, output_type="np", return_dict=False)
+    assert images.shape == (1, 32, 32, 3) and nsfw is None
+
+
+def test_negative_prompt_and_embeddings_are_the_same_input(pipe):
+    by_text = run(pipe, prompt=PROMPTS, negative_prompt=["blurry", "ugly"], seed=2)
+    embeds, negative = pipe.encode_prompt(PROMPTS, pipe.device, 1, True, ["blurry", "ugly"])
+    by_embeds = run(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative, seed=2)
+    np.testing.assert_allclose(by_text, by_embeds, atol=1e-6)
+    assert np.abs(by_text - run(pipe, prompt=PROMPTS, seed=2)).max() > 1e-4  # the negative prompt matters
+
+
+def test_callback_sees_and_replaces_tensors(pipe):
+    seen, seen_shapes = [], []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, int(t), sorted(tensors)))
+        seen_shapes.append(tuple(tensors["prompt_embeds"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == STEPS - 1 else {}
+
+    out = run(pipe, output_type="latent", callback_on_step_end=callback,
+              callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])  # fmt: skip
+    assert [s[0] for s in seen] == list(range(STEPS)) and seen[0][2] == ["latents", "prompt_embeds"]
+    assert seen_shapes == [(2, 77, 32)] * STEPS  # [negative; positive], as in diffusers
+    assert [s[1] for s in seen] == pipe.scheduler.timesteps.tolist()
+    assert torch.count_nonzero(out) == 0
+
+
+def test_vae_memory_helpers_keep_the_images(pipe):
+    reference = run(pipe, prompt=PROMPTS)
+    pipe.enable_vae_slicing()
+    pipe.enable_vae_tiling()
+    try:
+        assert pipe.vae.use_slicing and pipe.vae.use_tiling
+        np.testing.assert_allclose(run(pipe, prompt=PROMPTS), reference, atol=1e-5)
+    finally:
+        pipe.disable_vae_slicing()
+        pipe.disable_vae_tiling()
+
+
+def test_model_cpu_offload_gives_the_same_images(pipe, tiny_pipeline_path):
+    offloaded = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    offloaded.set_progress_bar_config(disable=True)
+    # on CPU-only machines the hooks "offload" to the CPU itself: the same code path, nothing moves
+    offloaded.enable_model_cpu_offload(device="cuda" if torch.cuda.is_available() else "cpu")
+    assert len(offloaded._all_hooks) == 3  # text_encoder -> unet -> vae
+    np.testing.assert_allclose(run(offloaded, prompt=PROMPTS), run(pipe, prompt=PROMPTS), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_named_scheduler_swaps_in(pipe, name):
+    cls, overrides = SCHEDULERS[name]
+    images = run(with_scheduler(pipe, cls, **overrides), num_inference_steps=2)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(height=30), "divisible by the VAE factor 4, got 30x32"),
+        (dict(prompt_embeds=torch.zeros(1, 77, 32)), "exactly one of prompt and prompt_embeds"),
+        (dict(prompt=None), "exactly one of prompt and prompt_embeds"),
+        (dict(prompt=3), "prompt must be a string"),
+        (dict(prompt=PROMPTS, negative_prompt=["only one"]), "negative_prompt has 1 entries but there are 2 prompts"),
+        (dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 77, 32)), "at most one of negative_prompt"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(2, 77, 32), negative_prompt_embeds=torch.zeros(1, 77, 32)),
+         "must have the same shape"),
+        (dict(prompt=PROMPTS, negative_prompt_embeds=torch.zeros(1, 77, 32)), "has 1 rows but there are 2 prompts"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+        (dict(output_type="jpeg"), "output_type must be one of"),
+        (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), r"\['noise_pred'\] are not available"),
+        (dict(generator=[torch.Generator()] * 3), "Got 3 generators for 1 images"),
+        (dict(latents=torch.zeros(1, 4, 16, 16)), r"latents have shape \(1, 4, 16, 16\), but this call needs"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
+    kwargs = {"prompt": PROMPTS[0], "num_inference_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+def test_custom_timesteps_need_a_scheduler_that_takes_them(pipe):
+    assert run(with_scheduler(pipe, DDPMScheduler), timesteps=[999, 500, 0]).shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="does not take custom timesteps"):
+        run(pipe, timesteps=[999, 500, 0])
+
+
+# ---- interop with diffusers --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory):
+    """A tiny pipeline saved by diffusers' own StableDiffusionPipeline with diffusers' own UNet."""
+    components = tiny_components(seed=1)
+    ours = components.pop("unet")
+    unet = DiffusersUNet(**{k: v for k, v in ours.config.items() if not k.startswith("_")})
+    unet.load_state_dict(ours.state_dict())
+    folder = tmp_path_factory.mktemp("from_diffusers") / "sd"
+    StableDiffusionPipeline(
+        **components, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
+    return folder
+
+
+INTEROP_CALL = dict(prompt=PROMPTS, negative_prompt=["blurry", "ugly"], num_inference_steps=STEPS,
+                    guidance_scale=5.0, guidance_rescale=0.5, num_images_per_prompt=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
+def test_diffusers_folder_loads_into_ours_with_the_same_images(diffusers_folder, scheduler_cls):
+    reference = StableDiffusionPipeline.from_pretrained(diffusers_folder, safety_checker=None)
+    ours = LatentDiffusionPipeline.from_pretrained(diffusers_folder)
+    assert type(ours.unet) is UNet2DConditionModel
+    for output_type in ("latent", "np"):
+        images = [
+            run(with_scheduler(p, scheduler_cls), seed=4, output_type=output_type, **INTEROP_CALL)
+            for p in (reference, ours)
+        ]
+        torch.testing.assert_close(torch.as_tensor(images[1]), torch.as_tensor(images[0]), atol=1e-4, rtol=0)
+
+
+CHILD = """
+import json, sys
+sys.meta_path.insert(0, Blocker())  # belt and braces: even a regular (non-editable) install stays invisible
+try:
+    import latentdiff
+    raise SystemExit("latentdiff is importable in the child")
+except ModuleNotFoundError:
+    pass
+import numpy as np, torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+folder, out = sys.argv[1], sys.argv[2]
+auto = DiffusionPipeline.from_pretrained(folder)
+assert type(auto) is StableDiffusionPipeline, type(auto)
+pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+call = json.loads(sys.argv[3])
+images = {}
+for cls in (DDIMScheduler, DDPMScheduler):
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    images[cls.__name__] = pipe(generator=torch.Generator().manual_seed(4), output_type="np", **call).images
+np.savez(out, **images)
+"""
+BLOCKER = """
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "latentdiff":
+            raise ModuleNotFoundError(name)
+"""
+
+
+def test_our_folder_opens_in_plain_diffusers_with_the_same_images(pipe, tiny_pipeline_path, tmp_path):
+    index = json.loads((tiny_pipeline_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    call = dict(INTEROP_CALL, num_inference_steps=STEPS)
+    # -I -S: no cwd, no PYTHONPATH, no .pth files (so no editable-install hook); then only plain site-packages
+    site_dirs = [p for p in sys.path if p.endswith("site-packages")]
+    script = f"import sys; sys.path += {site_dirs!r}\n" + textwrap.dedent(BLOCKER) + textwrap.dedent(CHILD)
+    out = tmp_path / "images.npz"
+    subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script, str(tiny_pipeline_path), str(out), json.dumps(call)],
+        cwd=tmp_path, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    expected = np.load(out)
+    for scheduler_cls in (DDIMScheduler, DDPMScheduler):
+        ours = run(with_scheduler(pipe, scheduler_cls), seed=4, **call)
+        np.testing.assert_allclose(ours, expected[scheduler_cls.__name__], atol=1e-4, rtol=0)
+
+
+def test_pickle_weights_need_allow_pickle(tiny_pipeline_path, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_pipeline_path, folder)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    torch.save(
+        text_encoder.state_dict(), folder / "text_encoder" / "pytorch_model.bin"
+    )  # transformers 5 writes no .bin
+    with pytest.raises(ValueError, match=r"text_encoder holds only pickle weights.*allow_pickle=True"):
+        LatentDiffusionPipeline.from_pretrained(folder)
+    loaded = LatentDiffusionPipeline.from_pretrained(folder, allow_pickle=True)
+    torch.testing.assert_close(loaded.text_encoder.state_dict(), text_encoder.state_dict())
+
+
+def test_save_reload_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "again")
+    reloaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "again")
+    reloaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(reloaded, prompt=PROMPTS), run(pipe, prompt=PROMPTS))
+
+
+# ---- generate_images ---------------------------------------------------------------------------------------------
+
+
+def test_generate_images_writes_pngs_and_a_grid(tiny_pipeline_path, tmp_path):
+    result = generate_images(str(tiny_pipeline_path), PROMPTS, output_dir=tmp_path / "out", scheduler="euler_a",
+                             num_inference_steps=2, num_images_per_prompt=2, seed=10, device="cpu")  # fmt: skip
+    assert [p.name for p in result.image_paths] == [
+        "000-a-photo-of-a-cat-seed10.png", "001-a-photo-of-a-cat-seed11.png",
+        "002-red-apple-fruit-emoji-seed12.png", "003-red-apple-fruit-emoji-seed13.png",
+    ]  # fmt: skip
+    assert result.seeds == [10, 11, 12, 13]
+    assert Image.open(result.grid_path).size == (64, 64) and all(
+        Image.open(p).size == (32, 32) for p in result.image_paths
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [p.name for p in result.image_paths] + ["grid.png"]
+    )
+    # each image depends on its own seed only: the third image again, alone
+    again = generate_images(str(tiny_pipeline_path), [PROMPTS[1]], output_dir=tmp_path / "again", scheduler="euler_a",
+                            num_inference_steps=2, seed=12, device="cpu")  # fmt: skip
+    alone, in_batch = (np.asarray(Image.open(p), dtype=int) for p in (again.image_paths[0], result.image_paths[2]))
+    np.testing.assert_allclose(alone, in_batch, atol=1)  # batched float sums may round one step apart
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(scheduler="plms"), "Unknown scheduler 'plms'"), (dict(torch_dtype="fp8"), "Unknown torch_dtype 'fp8'"),
+     (dict(prompts="a cat"), "non-empty list of strings")],
+)  # fmt: skip
+def test_generate_images_rejects_bad_arguments(tiny_pipeline_path, tmp_path, kwargs, match):
+    kwargs = {"prompts": PROMPTS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate_images(str(tiny_pipeline_path), output_dir=tmp_path, **kwargs)

@@ -1,0 +1,82 @@
+"""The offline CLIP tokenizer equals Stable Diffusion's, and prompts become ids/embeddings in one place."""
+
+import importlib.util
+import json
+import logging
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from latentdiff import tokenizer as tokenizer_module
+from latentdiff.text import embed_prompts, encode_prompts, tokenize_prompts
+from latentdiff.tokenizer import build_clip_tokenizer
+
+CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # SD-1.5's tokenizer on "a photo of a cat"
+
+
+def test_matches_stable_diffusion_tokenizer(clip_tokenizer):
+    assert len(clip_tokenizer) == 49408
+    assert clip_tokenizer("a photo of a cat").input_ids == CAT_IDS
+    # SD-1.5's special tokens: pad = unk = eos = <|endoftext|> (49407), bos = <|startoftext|> (49406)
+    assert (clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id) == (
+        49406,
+        49407,
+        49407,
+    )
+    assert clip_tokenizer.model_max_length == 77
+    # lower-casing and punctuation, as in CLIP
+    assert clip_tokenizer("A Photo, of a CAT!").input_ids == [49406, 320, 1125, 267, 539, 320, 2368, 256, 49407]
+
+
+def test_tokenize_prompts_pads_truncates_and_warns_once(clip_tokenizer, caplog):
+    long_prompt = " ".join(["cat"] * 100)
+    with caplog.at_level(logging.WARNING):
+        ids = tokenize_prompts(clip_tokenizer, ["a photo of a cat", long_prompt, long_prompt])
+    assert ids.dtype == torch.long and ids.shape == (3, 77)
+    assert ids[0].tolist() == CAT_IDS + [49407] * 70
+    assert ids[1, 0] == 49406 and ids[1, -1] == 49407 and (ids[1, 1:-1] == ids[1, 1]).all()
+    warnings = [r.getMessage() for r in caplog.records if "longer than 77 tokens" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 3 prompts")
+
+
+def test_tokenize_prompts_rejects_a_bare_string(clip_tokenizer):
+    with pytest.raises(ValueError, match="list of strings"):
+        tokenize_prompts(clip_tokenizer, "a photo of a cat")
+
+
+def test_saved_folder_loads_with_tokenizer_json_or_vocab_files_alone(tmp_path):
+    build_clip_tokenizer(tmp_path / "full", model_max_length=64)
+    files = {p.name for p in (tmp_path / "full").iterdir()}
+    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= files
+    # transformers 4's CLIPTokenizer reads only vocab.json + merges.txt: check those alone rebuild the same ids
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (legacy / name).write_bytes((tmp_path / "full" / name).read_bytes())
+    assert len(json.loads((legacy / "vocab.json").read_text())) == 49408
+    for folder in ("full", "legacy"):
+        loaded = CLIPTokenizer.from_pretrained(tmp_path / folder)
+        assert loaded("a photo of a cat, café 🐱").input_ids[:7] == CAT_IDS[:6] + [267]
+        assert loaded.model_max_length == 64 and loaded.pad_token == "<|endoftext|>"
+
+
+def test_missing_open_clip_says_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        tokenizer_module.importlib.util, "find_spec", lambda name: None if name == "open_clip" else real_find_spec(name)
+    )
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps open-clip-torch"):
+        build_clip_tokenizer()
+
+
+def test_encode_prompts_is_the_text_encoders_last_hidden_state(tiny_pipeline_path, clip_tokenizer):
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline_path, subfolder="text_encoder")
+    ids = tokenize_prompts(clip_tokenizer, ["a photo of a cat", ""])
+    embeds = encode_prompts(text_encoder, ids)
+    assert embeds.shape == (2, 77, text_encoder.config.hidden_size)
+    torch.testing.assert_close(embeds, text_encoder(ids).last_hidden_state)
+    torch.testing.assert_close(embed_prompts(clip_tokenizer, text_encoder, ["a photo of a cat", ""]), embeds)
+    assert not torch.allclose(embeds[0], embeds[1])
