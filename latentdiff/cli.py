@@ -56,10 +56,10 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .hub import push_folder
+    from .hub import push_to_hub
 
-    url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private)
-    print(f"pushed {args.folder} to {url}")
+    repo_id = push_to_hub(args.folder, args.repo_id, token=args.token)
+    print(f"pushed {args.folder} to the Hub repo {repo_id}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("folder", type=Path)
     push.add_argument("--repo-id", required=True)
     push.add_argument("--token", default=None, help="default: the HF_TOKEN environment variable or saved login")
-    push.add_argument("--private", action="store_true")
     push.set_defaults(handler=_push)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")

@@ -1,0 +1,7 @@
+"""Fine-tuning with Accelerate: `TrainConfig` (every option), `parse_train_args` (its command line), `train`."""
+
+from .config import TrainConfig, parse_train_args
+from .ema import EMAModel
+from .loop import train
+
+__all__ = ["EMAModel", "TrainConfig", "parse_train_args", "train"]

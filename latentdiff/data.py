@@ -1,0 +1,313 @@
+"""Image-caption data sets for fine-tuning: where they come from, and how a row becomes a training example.
+
+Sources (`load_image_caption_dataset`): a Hub data set id, a folder written by `Dataset.save_to_disk`, a .csv or
+.parquet file whose image column holds paths relative to the file, or an `imagefolder` folder (images plus a
+`metadata.jsonl` naming each `file_name` and its caption), as diffusers' train_text_to_image.py reads them.
+
+Examples (`ImageCaptionDataset`): RGB (transparency composited on white), shorter side resized to the resolution,
+center or random crop, random flip, scaled to [-1, 1]; one caption drawn when a row holds several; the empty
+caption with probability `caption_dropout`. Every random choice comes from a generator seeded by
+(seed, epoch, row), so an example does not depend on which process, worker or resumed run produces it.
+"""
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from .text import tokenize_prompts
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TABLE_LOADERS = {".csv": "csv", ".parquet": "parquet"}
+WHITE = (255, 255, 255)
+
+
+# 1. Sources
+
+
+def load_image_caption_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    max_train_samples: int | None = None,
+    seed: int | None = None,
+) -> datasets.Dataset:
+    r"""Load the training split of an image-caption data set, with its image column decoded to PIL images.
+
+    Args:
+        dataset_name (`str`, *optional*): A Hub data set id, a `save_to_disk` folder, a .csv/.parquet file, or a
+            local data set folder (`load_dataset` infers its format).
+        dataset_config_name (`str`, *optional*): The Hub data set's config, if it has several.
+        train_data_dir (`str`, *optional*): An `imagefolder` folder (or `data_dir` of `dataset_name`).
+        image_column / caption_column (`str`): Column names; a missing one raises an error listing those present.
+        max_train_samples (`int`, *optional*): Keep a random subset (drawn with `seed`) of this size.
+    """
+    if dataset_name is None and train_data_dir is None:
+        raise ValueError("Give a dataset_name (Hub id, file or folder) or a train_data_dir.")
+    source = dataset_name or train_data_dir
+    base_dir = None  # where relative image paths in a table are resolved
+    if dataset_name is None:
+        dataset = _load_imagefolder(Path(train_data_dir), cache_dir)
+    elif Path(dataset_name).suffix.lower() in TABLE_LOADERS:
+        path = Path(dataset_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"Data set file {path} does not exist.")
+        dataset = datasets.load_dataset(
+            TABLE_LOADERS[path.suffix.lower()], data_files=str(path), split="train", cache_dir=cache_dir
+        )
+        base_dir = path.resolve().parent
+    elif _is_saved_to_disk(Path(dataset_name)):
+        dataset = _train_split(datasets.load_from_disk(dataset_name), source)
+    else:
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, data_dir=train_data_dir)
+        dataset = _train_split(loaded, source)
+
+    for kind, column in (("image", image_column), ("caption", caption_column)):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"The {kind} column {column!r} is not in the data set {source}; its columns are "
+                f"{dataset.column_names}. Pass the right one with --{kind}_column."
+            )
+    if len(dataset) == 0:
+        raise ValueError(f"The data set {source} has no rows.")
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        dataset = _image_paths_to_images(dataset, image_column, base_dir, source)
+    if max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+    return dataset
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def _train_split(loaded: datasets.Dataset | datasets.DatasetDict, source: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"The data set {source} has no 'train' split; its splits are {list(loaded)}.")
+        return loaded["train"]
+    return loaded
+
+
+def _load_imagefolder(folder: Path, cache_dir: str | None) -> datasets.Dataset:
+    """An `imagefolder` data set, after checking what `datasets` would report obscurely (or not at all)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
+    files = [Path(root) / name for root, _, names in os.walk(folder) for name in names]
+    if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):
+        raise ValueError(f"--train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    for metadata in (f for f in files if f.name == "metadata.jsonl"):
+        with open(metadata, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                try:
+                    line.strip() and json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{metadata}, line {number}, is not valid JSON: {error}") from None
+    return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache_dir)
+
+
+def _image_paths_to_images(
+    dataset: datasets.Dataset, column: str, base_dir: Path | None, source: str
+) -> datasets.Dataset:
+    """A column of image paths (relative to the table file) becomes a lazily decoded image column."""
+    paths = []
+    for row, value in enumerate(dataset[column]):
+        if not isinstance(value, str):
+            raise ValueError(f"{source}: row {row} of column {column!r} is {type(value).__name__}, not an image path.")
+        path = Path(value) if base_dir is None else base_dir / value
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{source}: row {row}: image {path} does not exist (paths are relative to {base_dir})."
+            )
+        paths.append(str(path))
+    dataset = dataset.remove_columns(column).add_column(column, paths)
+    return dataset.cast_column(column, datasets.Image())
+
+
+# 2. Transforms
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image as RGB: transparency composited on white, 16/32-bit grey scaled down to 8 bits."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba)
+    return image.convert("RGB")
+
+
+@dataclass
+class ImageTransform:
+    r"""Resize the shorter side to `resolution`, crop a square, maybe flip, scale to a `(3, H, W)` tensor in [-1, 1].
+
+    Args:
+        resolution (`int`): Output height and width.
+        center_crop (`bool`, defaults to `False`): Crop the center; otherwise a random square.
+        random_flip (`bool`, defaults to `False`): Flip left-right with probability 1/2.
+    """
+
+    resolution: int
+    center_crop: bool = False
+    random_flip: bool = False
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        crop_u, crop_v, flip_u = rng.random(3)  # always drawn, so a setting never shifts later draws
+        image = to_rgb(image)
+        scale = self.resolution / min(image.size)
+        width, height = (max(self.resolution, round(side * scale)) for side in image.size)
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+        if self.center_crop:
+            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
+        else:
+            left, top = round(crop_u * (width - self.resolution)), round(crop_v * (height - self.resolution))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and flip_u < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
+        return pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def pick_caption(value: object, rng: np.random.Generator, dropout: float = 0.0) -> str:
+    """The caption of a row: the string, or one string of a list at random; "" with probability `dropout`."""
+    choice_u, dropout_u = rng.random(2)
+    if value is None:
+        value = ""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) == 0:
+            value = ""
+        else:
+            value = value[int(choice_u * len(value))]
+    if not isinstance(value, str):
+        raise ValueError(f"A caption must be a string or a list of strings, got {type(value).__name__}: {value!r}.")
+    return "" if dropout_u < dropout else value
+
+
+# 3. The torch data set
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that is a well-mixed function of non-negative integer `keys` (NumPy's `SeedSequence`)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    r"""Rows of a `datasets.Dataset` as `{"pixel_values" | "latent_dist", "caption"}` examples.
+
+    Args:
+        dataset (`datasets.Dataset`): From `load_image_caption_dataset`.
+        transform (`ImageTransform`): Image to tensor.
+        seed (`int`): With the epoch (`set_epoch`) and the row, seeds each example's random choices.
+        image_column / caption_column (`str`): Column names.
+        caption_dropout (`float`, defaults to 0): Probability of the empty caption.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        transform: ImageTransform,
+        seed: int,
+        image_column: str = "image",
+        caption_column: str = "text",
+        caption_dropout: float = 0.0,
+    ):
+        self.images = dataset.select_columns([image_column])
+        self.captions = dataset.select_columns([caption_column])
+        self.image_column, self.caption_column = image_column, caption_column
+        self.transform = transform
+        self.seed = seed
+        self.caption_dropout = caption_dropout
+        self.epoch = 0
+        self.latent_cache: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def set_epoch(self, epoch: int) -> None:
+        """New crops, flips, caption choices and dropouts each epoch, reproducible from (seed, epoch)."""
+        self.epoch = epoch
+
+    def use_latent_cache(self, latent_dists: torch.Tensor) -> None:
+        """Serve row i's cached VAE latent distribution `latent_dists[i]` instead of decoding its image."""
+        if len(latent_dists) != len(self):
+            raise ValueError(f"The latent cache has {len(latent_dists)} rows, the data set {len(self)}.")
+        self.latent_cache = latent_dists
+
+    def image(self, index: int) -> torch.Tensor:
+        """Row `index`'s transformed image, with this epoch's random choices."""
+        rng = self._rngs(index)[0]
+        try:
+            image = self.images[index][self.image_column]
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(f"Row {index}: the image cannot be read ({error}).") from error
+        return self.transform(image, rng)
+
+    def __getitem__(self, index: int) -> dict:
+        caption_rng = self._rngs(index)[1]
+        example = {}
+        if self.latent_cache is not None:
+            example["latent_dist"] = self.latent_cache[index]
+        else:
+            example["pixel_values"] = self.image(index)
+        caption = self.captions[index][self.caption_column]
+        try:
+            example["caption"] = pick_caption(caption, caption_rng, self.caption_dropout)
+        except ValueError as error:
+            raise ValueError(f"Row {index}, column {self.caption_column!r}: {error}") from None
+        return example
+
+    def _rngs(self, index: int) -> list[np.random.Generator]:
+        return np.random.default_rng([self.seed, self.epoch, index]).spawn(2)  # [image, caption]
+
+
+class EpochShuffler(torch.utils.data.Sampler[int]):
+    r"""A random order of the rows that is a function of (seed, epoch) only.
+
+    Every process draws the same order (Accelerate then gives each its own batches of it), and a resumed run
+    draws the order the interrupted one had; Accelerate's data loader calls `set_epoch`.
+
+    Args:
+        num_rows (`int`): Size of the data set.
+        seed (`int`): Seed of the orders.
+    """
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+
+
+def collate_examples(examples: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Stack examples into a batch and tokenize the captions (`input_ids` `(B, 77)`)."""
+    batch = {"input_ids": tokenize_prompts(tokenizer, [e["caption"] for e in examples])}
+    for key in ("pixel_values", "latent_dist"):
+        if key in examples[0]:
+            batch[key] = torch.stack([e[key] for e in examples]).contiguous()  # (B, C, H, W)
+    return batch
+
+
+def make_collate_fn(tokenizer: PreTrainedTokenizerBase) -> functools.partial:
+    """A picklable `collate_fn` for `DataLoader` (workers get a copy of the tokenizer)."""
+    return functools.partial(collate_examples, tokenizer=tokenizer)

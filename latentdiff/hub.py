@@ -1,0 +1,132 @@
+"""Model cards and uploads to the Hugging Face Hub for trained pipeline folders.
+
+The card is the `README.md` of the output folder: YAML metadata the Hub indexes (library, tags, base model,
+data set) and a body with usage, validation images and the training hyperparameters. Tokens are passed to
+`huggingface_hub` only; nothing here writes or logs them.
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import HfApi
+
+logger = logging.getLogger(__name__)
+
+# Never uploaded: training checkpoints (resumable state, large) and the leftovers of interrupted writes.
+UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", ".old-*", ".old-*/**"]
+CARD_HYPERPARAMETERS = (
+    "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+    "lr_warmup_steps", "max_train_steps", "num_train_epochs", "mixed_precision", "use_ema", "ema_decay",
+    "snr_gamma", "noise_offset", "input_perturbation", "caption_dropout", "prediction_type", "train_text_encoder",
+    "seed",
+)  # fmt: skip
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` if it reads as a Hub repo id rather than a local path, else `None`."""
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    return name
+
+
+def model_card(
+    repo_id: str,
+    base_model: str,
+    dataset: str | None,
+    hyperparameters: dict[str, Any],
+    images: list[tuple[str, str]] | None = None,
+    global_step: int | None = None,
+) -> str:
+    r"""The `README.md` text of a fine-tuned pipeline.
+
+    Args:
+        repo_id (`str`): The model's Hub id (or folder name), used in the title and the usage snippet.
+        base_model (`str`): What was fine-tuned; written to the metadata only when it is a Hub id.
+        dataset (`str`, *optional*): The training data; written to the metadata only when it is a Hub id.
+        hyperparameters (`dict`): Training options; those of `CARD_HYPERPARAMETERS` that are set are listed.
+        images (`list[tuple[str, str]]`, *optional*): `(relative path, prompt)` of validation images.
+        global_step (`int`, *optional*): Optimizer steps trained.
+    """
+    metadata: dict[str, Any] = {
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": ["latentdiff", "text-to-image", "diffusers", "stable-diffusion", "diffusers-training"],
+        "inference": True,
+    }
+    if _hub_id(base_model):
+        metadata["base_model"] = base_model
+    if _hub_id(dataset):
+        metadata["datasets"] = [dataset]
+    lines = [
+        "---",
+        yaml.safe_dump(metadata, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {repo_id}",
+        "",
+        f"A text-to-image model fine-tuned from **{base_model}** on **{dataset or 'a local data set'}** with "
+        f"latentdiff (Accelerate){f', {global_step} optimizer steps' if global_step else ''}. "
+        "It is a plain diffusers Stable Diffusion pipeline folder.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")',
+        f'image = pipeline("{images[0][1] if images else "a photo of a cat"}").images[0]',
+        "```",
+        "",
+        "or with latentdiff: `LatentDiffusionPipeline.from_pretrained(...)` (same arguments).",
+    ]
+    if images:
+        lines += ["", "## Validation images", "", "| prompt | image |", "|---|---|"]
+        lines += [f"| {prompt.replace('|', '/')} | ![]({path}) |" for path, prompt in images]
+    lines += ["", "## Training hyperparameters", ""]
+    lines += [
+        f"- {key}: {hyperparameters[key]}" for key in CARD_HYPERPARAMETERS if hyperparameters.get(key) is not None
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `output_dir/README.md` atomically."""
+    path = Path(output_dir) / "README.md"
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def create_hub_repo(repo_id: str, token: str | None = None) -> str:
+    """Create the model repo if needed (done before training, so a bad token fails in seconds); returns its id."""
+    return HfApi(token=token).create_repo(repo_id, exist_ok=True).repo_id
+
+
+def push_to_hub(
+    folder: str | os.PathLike, repo_id: str, token: str | None = None, commit_message: str = "End of training"
+) -> str:
+    r"""Upload a trained pipeline folder (weights, card, validation images, logs; no checkpoints) to the Hub.
+
+    Args:
+        folder (`str` or `os.PathLike`): The training output folder.
+        repo_id (`str`): Target model repo; created if missing.
+        token (`str`, *optional*): Hub token; defaults to the logged-in one (`hf auth login`, `$HF_TOKEN`).
+        commit_message (`str`, *optional*): Message of the upload commit.
+
+    Returns:
+        `str`: The repo id (with the namespace the Hub resolved).
+    """
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: push a saved pipeline folder.")
+    repo_id = create_hub_repo(repo_id, token=token)
+    HfApi(token=token).upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE
+    )
+    logger.info(f"Uploaded {folder} to the Hub repo {repo_id}")
+    return repo_id

@@ -1,0 +1,71 @@
+"""The run's `Accelerator`: how many processes and devices, precision, trackers, and what they cannot do."""
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.tracking import GeneralTracker, get_available_trackers
+from accelerate.utils import DistributedType, ProjectConfiguration
+
+from .config import TrainConfig
+
+logger = get_logger(__name__)
+
+
+@contextlib.contextmanager
+def accelerator_for(config: TrainConfig, trackers: Sequence[GeneralTracker]) -> Iterator[Accelerator]:
+    """The run's Accelerator; afterwards (even after an error) trackers are flushed and Accelerate's process-wide
+    state is cleared, so that `train` can be called again in the same process with other settings."""
+    wanted = config.trackers()
+    available = {str(t) for t in get_available_trackers()}
+    log_with = [name for name in wanted if name == "all" or name in available]
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        cpu=cpu_only_distributed(),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=[*log_with, *trackers] or None,
+        project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+    )
+    if missing := sorted(set(wanted) - set(log_with)):
+        logger.warning(
+            f"--report_to {missing}: not installed, not logging there (tensorboard: pip install latentdiff[tracking])."
+        )
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def cpu_only_distributed() -> bool:
+    """Launched as several processes (torchrun) on a machine without accelerators: data-parallel on CPUs (gloo).
+
+    Accelerate would otherwise treat each CPU process as a separate single-process run (it expects
+    `ACCELERATE_USE_CPU` or MPI for multi-CPU), and they would all write the same output folder.
+    """
+    if hasattr(torch, "accelerator"):  # torch ≥ 2.6: CUDA, XPU, MPS, ...
+        has_accelerator = torch.accelerator.is_available()
+    else:
+        has_accelerator = torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+
+
+def check_distributed_support(config: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse the combinations whose cost or semantics we do not handle, before any work is done."""
+    if accelerator.distributed_type == DistributedType.FSDP and (config.use_ema or config.validation_prompts):
+        raise ValueError(
+            "With FSDP the UNet's weights are sharded over the processes, so --use_ema and --validation_prompts "
+            "(which need whole weights on one process during training) are not supported: drop them, or use "
+            "DDP (multi_gpu.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml), which keep whole weights."
+        )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and config.train_text_encoder:
+        raise ValueError(
+            "--train_text_encoder prepares two models, which Accelerate supports with DDP only (multi_gpu.yaml)."
+        )

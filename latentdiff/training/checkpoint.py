@@ -1,0 +1,169 @@
+"""Training checkpoints: written atomically, found safely, rotated without losing the one we resumed from.
+
+A checkpoint is the folder `output_dir/checkpoint-<step>` that `accelerator.save_state` fills (optimizer, LR
+scheduler, RNG states) plus, through the hooks below, diffusers/transformers folders for the trained models
+(`unet/`, `text_encoder/`), the EMA weights (`ema.safetensors`) and `training_state.json` (step and seed),
+written last. Everything is first written to `.tmp-checkpoint-<step>` and renamed when complete, so a
+`checkpoint-<step>` folder that exists is whole: a kill during the write leaves the previous one as "latest".
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..models import UNet2DConditionModel
+from .ema import EMAModel
+
+logger = logging.getLogger(__name__)  # messages come from the main process only
+
+PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"  # written last: a checkpoint without it is not complete
+EMA_FILE = "ema.safetensors"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in `output_dir`, oldest (lowest step) first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None:
+    r"""The checkpoint folder `--resume_from_checkpoint` means, or `None` for `"latest"` when there is none yet.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): The run's output folder, where `"latest"` and bare names are looked up.
+        value (`str`): `"latest"`, a checkpoint folder path, or a checkpoint name inside `output_dir`.
+    """
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (Path(value), Path(output_dir) / value):
+        if candidate.is_dir():
+            if not (candidate / STATE_FILE).is_file():
+                raise ValueError(
+                    f"--resume_from_checkpoint {candidate} is not a complete checkpoint (no {STATE_FILE}; it was "
+                    "interrupted while saving, or not written by latentdiff): pick another one or 'latest'."
+                )
+            return candidate
+    available = [p.name for p in list_checkpoints(output_dir)]
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint {value} does not exist (nor as {Path(output_dir) / value}). "
+        f"Checkpoints in {output_dir}: {available or 'none'}; use one of them or 'latest'."
+    )
+
+
+def _component_folder(model: Any) -> str:
+    return "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
+
+
+def register_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None:
+    """Make `save_state`/`load_state` store the models as safetensors folders and the EMA beside them.
+
+    Without the hooks Accelerate pickles bare state dicts; with them a checkpoint's `unet/` is a UNet that
+    `from_pretrained` loads, and the EMA is saved and restored with the rest of the training state.
+    """
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if not weights:  # FSDP / DeepSpeed: Accelerate saved the (sharded) models in its own format
+            models = []
+        for model in models:
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / _component_folder(model))
+            weights.pop()  # saved above: Accelerate must not write it again
+        if ema is not None and accelerator.is_main_process:
+            settings = {k: v for k, v in ema.state_dict().items() if k != "shadow"}
+            shadow = {name: tensor.cpu() for name, tensor in ema.shadow.items()}
+            save_file(shadow, Path(output_dir) / EMA_FILE, metadata={"ema": json.dumps(settings)})
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            saved = type(model).from_pretrained(Path(input_dir) / _component_folder(model))
+            model.load_state_dict(saved.state_dict())
+        if ema is not None:
+            path = Path(input_dir) / EMA_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without --use_ema.")
+            with safe_open(path, framework="pt") as f:
+                settings = json.loads(f.metadata()["ema"])
+            ema.load_state_dict({**settings, "shadow": load_file(path)})
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    state: dict[str, Any],
+    total_limit: int | None = None,
+    keep: Path | None = None,
+) -> Path:
+    r"""Save the full training state as `output_dir/checkpoint-<state["global_step"]>`, atomically.
+
+    Every process takes part (each saves its RNG state); the main process renames the finished folder and
+    then deletes the oldest checkpoints beyond `total_limit`, never `keep` (the one this run resumed from).
+
+    Args:
+        state (`dict`): JSON-serialisable bookkeeping, at least `global_step`; returned by `load_checkpoint`.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{PREFIX}{state['global_step']}"
+    tmp = output_dir / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():  # e.g. resumed from an older checkpoint: the new state replaces the stale one
+            stale = output_dir / f".old-{final.name}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+        logger.info(f"Saved training state to {final}")
+        if total_limit is not None:
+            rotate_checkpoints(output_dir, total_limit, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete all but the newest `total_limit` complete checkpoints (never `keep`) and leftover partial ones."""
+    checkpoints = list_checkpoints(output_dir)
+    kept = None if keep is None else Path(keep).resolve()
+    removed = [p for p in checkpoints[: max(len(checkpoints) - total_limit, 0)] if p.resolve() != kept]
+    removed += [p for p in Path(output_dir).glob(f".tmp-{PREFIX}*") if p.is_dir()]
+    for path in removed:
+        shutil.rmtree(path)
+    if removed:
+        logger.info(f"Removed old checkpoints: {', '.join(p.name for p in removed)}")
+    return removed
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The `state` a checkpoint was saved with (step, seed, ...), without loading anything else."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` saved (models, optimizer, LR scheduler, EMA, RNG); return its `state`."""
+    accelerator.load_state(str(path))
+    return read_state(path)

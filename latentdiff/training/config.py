@@ -1,0 +1,250 @@
+"""`TrainConfig`: the one place every fine-tuning option is declared, checked and documented.
+
+The command lines of `train_scripts/train_text_to_image.py` and `latentdiff train` are generated from this
+dataclass by `transformers.HfArgumentParser`, so a flag, its default, its help text and its validation exist
+exactly once. Names follow diffusers' `examples/text_to_image/train_text_to_image.py`, so its commands work.
+"""
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import HfArgumentParser
+
+from .checkpoint import resolve_checkpoint
+
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant",
+)  # fmt: skip
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
+SECRET_FIELDS = ("hub_token",)  # never logged, saved, printed or written into a model card
+
+
+def _help(text: str, **metadata: Any) -> dict[str, Any]:
+    return {"help": text, **metadata}
+
+
+@dataclass
+class TrainConfig:
+    r"""Every option of a fine-tuning run. Build it in Python, or from a command line / YAML / JSON file with
+    `parse_train_args`. Bad values raise a `ValueError` (or `FileNotFoundError`) naming the option.
+    """
+
+    # Model
+    pretrained_model_name_or_path: str = field(
+        metadata=_help("Base pipeline: a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local folder.")
+    )
+    revision: str | None = field(default=None, metadata=_help("Git revision (branch, tag, commit) of the base model."))
+    variant: str | None = field(default=None, metadata=_help("Weight variant of the base model files, e.g. 'fp16'."))
+    unet_config: str | None = field(
+        default=None,
+        metadata=_help("A UNet config.json (or a folder holding one): train a UNet from scratch with it instead of "
+                       "fine-tuning the base model's UNet. Its in_channels and cross_attention_dim must match the base "
+                       "model's VAE and text encoder."),
+    )  # fmt: skip
+    allow_pickle: bool = field(
+        default=False, metadata=_help("Also load .bin/.ckpt pickle weights (unsafe for untrusted files).")
+    )
+    cache_dir: str | None = field(default=None, metadata=_help("Where downloaded models and data sets are stored."))
+
+    # Data
+    dataset_name: str | None = field(
+        default=None,
+        metadata=_help("A Hub data set id, a folder written by `Dataset.save_to_disk`, a .csv/.parquet file whose "
+                       "image column holds paths (relative to the file), or a local data set folder."),
+    )  # fmt: skip
+    dataset_config_name: str | None = field(
+        default=None, metadata=_help("Config of the Hub data set, if it has several.")
+    )
+    train_data_dir: str | None = field(
+        default=None,
+        metadata=_help("An `imagefolder` folder: images plus a metadata.jsonl with `file_name` and the caption column. "
+                       "With --dataset_name, it is passed to it as `data_dir`."),
+    )  # fmt: skip
+    image_column: str = field(default="image", metadata=_help("The data set column holding the images."))
+    caption_column: str = field(
+        default="text", metadata=_help("The column holding a caption, or a list of captions (one is drawn at random).")
+    )
+    max_train_samples: int | None = field(default=None, metadata=_help("Train on a random subset of this size."))
+    resolution: int = field(default=512, metadata=_help("Images are resized (shorter side) and cropped to this size."))
+    center_crop: bool = field(default=False, metadata=_help("Crop the center; otherwise a random crop."))
+    random_flip: bool = field(default=False, metadata=_help("Flip images horizontally at random."))
+    caption_dropout: float = field(
+        default=0.0,
+        metadata=_help("Probability of training on the empty caption instead, so classifier-free guidance works."),
+    )
+    cache_latents: bool = field(
+        default=False,
+        metadata=_help("Encode each image once with the VAE and train from the cached latent distributions "
+                       "(needs --center_crop and no --random_flip)."),
+    )  # fmt: skip
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data loading subprocesses (0: main process)."))
+
+    # Optimisation
+    seed: int | None = field(default=None, metadata=_help("Seed of all randomness: the same seed gives the same run."))
+    train_batch_size: int = field(default=16, metadata=_help("Batch size per process."))
+    num_train_epochs: int = field(default=100, metadata=_help("Epochs to train, unless --max_train_steps is set."))
+    max_train_steps: int | None = field(
+        default=None, metadata=_help("Total optimizer steps; overrides --num_train_epochs.")
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Batches accumulated per optimizer step."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations: less memory, slower."))
+    learning_rate: float = field(default=1e-4, metadata=_help("Peak learning rate (after warm-up)."))
+    scale_lr: bool = field(
+        default=False, metadata=_help("Multiply the learning rate by accumulation steps × batch size × processes.")
+    )
+    lr_scheduler: Literal[LR_SCHEDULERS] = field(default="constant", metadata=_help("Learning-rate schedule."))
+    lr_warmup_steps: int = field(default=500, metadata=_help("Warm-up steps of the learning-rate schedule."))
+    snr_gamma: float | None = field(
+        default=None, metadata=_help("γ of min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is recommended.")
+    )
+    use_8bit_adam: bool = field(default=False, metadata=_help("8-bit AdamW from bitsandbytes (GPU only)."))
+    allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere or newer GPUs."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW β1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW β2."))
+    adam_weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW ε."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradients are clipped to this global norm."))
+    train_text_encoder: bool = field(default=False, metadata=_help("Fine-tune the text encoder too."))
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata=_help("Mixed precision; by default the value of your `accelerate config`.")
+    )
+    enable_xformers_memory_efficient_attention: bool = field(
+        default=False, metadata=_help("Use xFormers' memory-efficient attention (needs the xformers package).")
+    )
+
+    # Diffusion
+    prediction_type: Literal["epsilon", "v_prediction"] | None = field(
+        default=None, metadata=_help("What the UNet predicts; by default what the base model's scheduler says.")
+    )
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = field(
+        default=None,
+        metadata=_help("Override the base scheduler's noise schedule (squaredcos_cap_v2 is the cosine schedule); "
+                       "mostly useful with --unet_config."),
+    )  # fmt: skip
+    noise_offset: float = field(default=0.0, metadata=_help("Scale of offset noise (0.1 is common); 0 disables it."))
+    input_perturbation: float = field(
+        default=0.0, metadata=_help("Scale of input perturbation (Ning et al. 2023; 0.1 is recommended).")
+    )
+
+    # EMA (decay warm-up as diffusers' EMAModel)
+    use_ema: bool = field(default=False, metadata=_help("Keep an EMA of the UNet; it is validated and saved."))
+    ema_decay: float = field(default=0.9999, metadata=_help("Maximum EMA decay."))
+    ema_min_decay: float = field(default=0.0, metadata=_help("Minimum EMA decay."))
+    ema_update_after_step: int = field(default=0, metadata=_help("Copy the weights until this many steps."))
+    ema_use_warmup: bool = field(
+        default=False, metadata=_help("Decay 1-(1+step/inv_gamma)^-power instead of (1+step)/(10+step).")
+    )
+    ema_inv_gamma: float = field(default=1.0, metadata=_help("inv_gamma of the EMA warm-up."))
+    ema_power: float = field(default=2 / 3, metadata=_help("power of the EMA warm-up."))
+
+    # Validation
+    validation_prompts: list[str] | None = field(
+        default=None, metadata=_help("Prompts sampled every --validation_epochs and at the end.")
+    )
+    validation_epochs: int = field(default=5, metadata=_help("Validate every this many epochs."))
+    validation_inference_steps: int = field(default=20, metadata=_help("Sampling steps of validation images."))
+    validation_guidance_scale: float = field(default=7.5, metadata=_help("Guidance scale of validation images."))
+
+    # Outputs, logging, checkpoints
+    output_dir: str = field(
+        default="sd-model-finetuned", metadata=_help("Where the pipeline, checkpoints, logs and images are written.")
+    )
+    logging_dir: str = field(default="logs", metadata=_help("Tracker logs, relative to --output_dir."))
+    report_to: str = field(
+        default="tensorboard",
+        metadata=_help("Trackers, comma-separated: tensorboard (needs latentdiff[tracking]), wandb, ..., all or none."),
+    )
+    tracker_project_name: str = field(default="text2image-fine-tune", metadata=_help("Project name of the trackers."))
+    checkpointing_steps: int = field(default=500, metadata=_help("Save the full training state every this many steps."))
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata=_help("Keep only this many checkpoints (never the one the run resumed from).")
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata=_help("A checkpoint folder (or its name in --output_dir), or 'latest'.")
+    )
+
+    # Hub
+    push_to_hub: bool = field(default=False, metadata=_help("Upload the pipeline and its model card at the end."))
+    hub_model_id: str | None = field(
+        default=None, metadata=_help("Repo id to push to; defaults to the output folder name.")
+    )
+    hub_token: str | None = field(
+        default=None, repr=False, metadata=_help("Hub token; by default the one of `hf auth login` or $HF_TOKEN.")
+    )
+
+    def __post_init__(self) -> None:
+        positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                    "validation_epochs", "validation_inference_steps")  # fmt: skip
+        for name in positive + ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be an integer ≥ 1, got {value!r}.")
+        for name in ("dataloader_num_workers", "lr_warmup_steps", "ema_update_after_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be ≥ 0, got {getattr(self, name)!r}.")
+        for name in ("caption_dropout", "ema_decay", "ema_min_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be between 0 and 1, got {getattr(self, name)!r}.")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma!r}.")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}.")
+        if self.dataset_name is None and self.train_data_dir is None:
+            raise ValueError("Give the training data: --dataset_name (Hub id, file or folder) or --train_data_dir.")
+        if self.cache_latents and (not self.center_crop or self.random_flip):
+            raise ValueError(
+                "--cache_latents encodes each image once, so it cannot train on random crops or flips: "
+                "pass --center_crop and leave out --random_flip (or drop --cache_latents)."
+            )
+        self.trackers()  # checks --report_to
+        output_dir = Path(self.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(f"--output_dir {self.output_dir} is a file: give a folder (it is created if missing).")
+        if self.unet_config is not None and not Path(self.unet_config).exists():
+            raise FileNotFoundError(
+                f"--unet_config {self.unet_config} does not exist: give a config.json or its folder."
+            )
+        if self.resume_from_checkpoint not in (None, "latest"):
+            resolve_checkpoint(self.output_dir, self.resume_from_checkpoint)  # raises FileNotFoundError
+
+    def trackers(self) -> list[str]:
+        """`report_to` as Accelerate's `log_with` list (empty for `none`)."""
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if names in ([], ["none"]):
+            return []
+        if names == ["all"]:
+            return ["all"]
+        unknown = [name for name in names if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"--report_to {self.report_to!r}: unknown tracker(s) {unknown}; choose from {TRACKERS}, "
+                             "'all' or 'none'.")  # fmt: skip
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options without secrets (the Hub token): what trackers, logs and model cards may show."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    r"""Build a `TrainConfig` from command-line arguments, or from one `.yaml`/`.yml`/`.json` file.
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments, e.g. `["--pretrained_model_name_or_path", "x", ...]` or
+            `["config.yaml"]`; defaults to `sys.argv[1:]`.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(TrainConfig, description="Fine-tune a latent text-to-image diffusion model.")
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"Training config file {path} does not exist.")
+        parse = parser.parse_json_file if path.suffix == ".json" else parser.parse_yaml_file
+        (config,) = parse(path.resolve())
+        return config
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config

@@ -1,0 +1,323 @@
+"""`train(config)`: fine-tune a latent text-to-image model with Accelerate, from data to a saved pipeline.
+
+`_train` reads top to bottom: 1. checks, seed and Hub repo, 2. models, 3. data, 4. optimizer and steps, 5. resume,
+6. the loop (encode → noise → predict → loss → step → EMA → log → checkpoint → validate), 7. save, card, push.
+
+Every random draw is a function of (seed, epoch, row) in the data and of (seed, process, epoch, batch) in the
+loop, never of the global RNG's history, so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have (same batches, crops, noise, timesteps: same weights).
+"""
+
+import contextlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..components import load_components, resolve_model_folder
+from ..data import (
+    EpochShuffler,
+    ImageCaptionDataset,
+    ImageTransform,
+    derive_seed,
+    load_image_caption_dataset,
+    make_collate_fn,
+)
+from ..hub import create_hub_repo, model_card, push_to_hub, write_model_card
+from ..models import UNet2DConditionModel
+from ..pipelines import LatentDiffusionPipeline
+from ..text import encode_prompts
+from .accelerator import accelerator_for, check_distributed_support
+from .checkpoint import load_checkpoint, read_state, register_hooks, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .ema import EMAModel
+from .latents import cache_latent_dists, encode_latent_dists, sample_latents
+from .losses import diffusion_loss
+from .models import build_optimizer, check_resolution, freeze, noise_scheduler_for, unet_from_config, weight_dtype_for
+from .validation import generate_validation_images, inference_scheduler, save_validation_images
+
+logger = get_logger(__name__)
+
+
+def train(config: TrainConfig, trackers: Sequence[GeneralTracker] = ()) -> Path:
+    r"""Fine-tune (or, with `unet_config`, train) the UNet of a Stable Diffusion-style model on image-caption data.
+
+    Runs in one process or, under `accelerate launch`/`torchrun`, in many (data-parallel; only the main process
+    writes files and logs). Every option is documented on `TrainConfig`. It makes its own `Accelerator` and clears
+    Accelerate's process-wide state when it returns or fails, so it can be called again in the same process.
+
+    Args:
+        config (`TrainConfig`): The run's options.
+        trackers (`Sequence[GeneralTracker]`, *optional*): Extra Accelerate trackers (objects) that receive the
+            logged `train_loss` and `lr` at every optimizer step, next to those of `config.report_to`.
+
+    Returns:
+        `Path`: The output folder, holding the trained pipeline (`model_index.json`, `unet/`, ...), `README.md`,
+        `checkpoint-<step>/` folders, `validation/step_<step>/` images and tracker logs.
+    """
+    with accelerator_for(config, trackers) as accelerator:
+        return _train(config, accelerator)
+
+
+def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
+    output_dir = Path(config.output_dir)
+
+    # 1. What this setup supports, the run's seed, the Hub repo
+    check_distributed_support(config, accelerator)
+    resume_from = (
+        resolve_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    )
+    seed = _run_seed(config, resume_from, accelerator)
+    set_seed(seed)  # the global RNG only initialises a --unet_config UNet; the loop draws from its own generator
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    repo_id = None
+    if config.push_to_hub and accelerator.is_main_process:  # fail now, not after training, if the token is bad
+        repo_id = create_hub_repo(config.hub_model_id or output_dir.resolve().name, token=config.hub_token)
+
+    # 2. Models: the frozen VAE (and text encoder) in the weight dtype, the trained UNet in fp32
+    with accelerator.main_process_first():  # one download per machine
+        model_folder = resolve_model_folder(
+            config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+            cache_dir=config.cache_dir, allow_pickle=config.allow_pickle,
+        )  # fmt: skip
+        parts = load_components(model_folder, variant=config.variant, allow_pickle=config.allow_pickle)
+    vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
+    noise_scheduler = noise_scheduler_for(parts.scheduler, config)
+    unet = parts.unet if config.unet_config is None else unet_from_config(config.unet_config, vae, text_encoder)
+    check_resolution(config.resolution, vae, unet)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    freeze(vae, accelerator.device, weight_dtype)
+    if config.train_text_encoder:
+        text_encoder.train()
+    else:
+        freeze(text_encoder, accelerator.device, weight_dtype)
+    unet.train()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if config.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(
+            unet, config.ema_decay, config.ema_min_decay, config.ema_update_after_step, config.ema_use_warmup,
+            config.ema_inv_gamma, config.ema_power,
+        ).to(accelerator.device)  # fmt: skip
+    register_hooks(accelerator, ema)
+
+    # 3. Data: rows → examples (seeded by seed, epoch, row) → one shared order per epoch → each process its batches
+    with accelerator.main_process_first():
+        rows = load_image_caption_dataset(
+            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.cache_dir,
+            config.image_column, config.caption_column, config.max_train_samples, seed,
+        )  # fmt: skip
+    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
+    dataset = ImageCaptionDataset(
+        rows, transform, seed, config.image_column, config.caption_column, config.caption_dropout
+    )
+    if config.cache_latents:
+        dataset.use_latent_cache(cache_latent_dists(vae, dataset, config.train_batch_size, accelerator))
+    train_dataloader = accelerator.prepare(
+        torch.utils.data.DataLoader(
+            dataset, batch_size=config.train_batch_size, sampler=EpochShuffler(len(dataset), seed),
+            collate_fn=make_collate_fn(tokenizer), num_workers=config.dataloader_num_workers,
+        )
+    )  # fmt: skip
+
+    # 4. Optimizer, learning-rate schedule, number of steps
+    accum = config.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(len(train_dataloader) / accum)
+    max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    trained = [unet, text_encoder] if config.train_text_encoder else [unet]
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config, params, accelerator.num_processes)
+    lr_scheduler = get_scheduler(  # the prepared scheduler steps once per process at each optimizer step
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    unet = trained[0]
+    if config.train_text_encoder:
+        text_encoder = trained[1]
+
+    # 5. Resume: weights, optimizer, LR schedule, EMA from the checkpoint; the data position from its step
+    global_step = 0
+    if resume_from is not None:
+        global_step = load_checkpoint(accelerator, resume_from)["global_step"]
+        logger.info(f"Resumed from {resume_from} at step {global_step}")
+    elif config.resume_from_checkpoint:
+        logger.info(f"No complete checkpoint in {output_dir}: starting a new run.")
+    first_epoch, skip_batches = global_step // updates_per_epoch, (global_step % updates_per_epoch) * accum
+
+    pipeline = None
+    if config.validation_prompts and accelerator.is_main_process:
+        sampler = inference_scheduler(
+            model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
+        )
+        pipeline = LatentDiffusionPipeline(
+            vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+            unet=accelerator.unwrap_model(unet), scheduler=sampler,
+        )  # fmt: skip
+    if accelerator.is_main_process:
+        accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
+    logger.info(
+        f"Training on {len(dataset)} examples: {accelerator.num_processes} process(es) × batch "
+        f"{config.train_batch_size} × {accum} accumulation, {max_train_steps} steps ({num_epochs} epochs), seed {seed}."
+    )
+
+    # 6. The loop
+    generator = torch.Generator(device=accelerator.device)
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    step_loss = 0.0
+    for epoch in range(first_epoch, num_epochs):
+        train_dataloader.set_epoch(epoch)  # this epoch's shuffled order
+        dataset.set_epoch(epoch)  # this epoch's crops, flips, caption choices
+        skip = skip_batches if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            generator.manual_seed(derive_seed(seed, accelerator.process_index, epoch, batch_index))
+            with accelerator.accumulate(*trained):
+                # x₀ ~ q(z|x) × scaling factor, with q(z|x) from the cache or encoded now
+                if "latent_dist" in batch:
+                    latent_dists = batch["latent_dist"]
+                else:
+                    latent_dists = encode_latent_dists(vae, batch["pixel_values"])
+                latents = sample_latents(vae, latent_dists, generator)  # (B, 4, h, w)
+                with torch.set_grad_enabled(config.train_text_encoder):
+                    encoder_hidden_states = encode_prompts(text_encoder, batch["input_ids"])  # (B, 77, D)
+                loss = diffusion_loss(
+                    unet, noise_scheduler, latents, encoder_hidden_states, generator,
+                    config.snr_gamma, config.noise_offset, config.input_perturbation,
+                )  # fmt: skip
+                mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()  # over processes
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(
+                        f"The loss is {mean_loss} at step {global_step + 1} (epoch {epoch}, batch {batch_index}): "
+                        f"training stopped before updating the weights; the checkpoints in {output_dir} are intact. "
+                        "Lower --learning_rate, use bf16 instead of fp16, or resume from the last checkpoint."
+                    )
+                step_loss += mean_loss / accum
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue  # still accumulating
+
+            # One optimizer step is done.
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet))
+            global_step += 1
+            lr = lr_scheduler.get_last_lr()[0]
+            accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            step_loss = 0.0
+            if global_step % config.checkpointing_steps == 0:
+                state = {"global_step": global_step, "seed": seed, "num_processes": accelerator.num_processes,
+                         "train_batch_size": config.train_batch_size, "gradient_accumulation_steps": accum}  # fmt: skip
+                save_checkpoint(accelerator, output_dir, state, config.checkpoints_total_limit, keep=resume_from)
+            if global_step >= max_train_steps:
+                break
+        if pipeline is not None and (epoch + 1) % config.validation_epochs == 0 and global_step < max_train_steps:
+            _validate(pipeline, ema, config, seed, global_step, accelerator)
+    progress.close()
+
+    # 7. Save the pipeline (EMA weights with --use_ema), final validation, model card, upload
+    accelerator.wait_for_everyone()
+    unet_state = accelerator.get_state_dict(unet)  # all processes take part: FSDP/ZeRO gather the full weights
+    if accelerator.is_main_process:
+        unet = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+        unet.load_state_dict(unet_state)
+        if ema is not None:
+            ema.copy_to(unet)
+        text_encoder = accelerator.unwrap_model(text_encoder)
+        if weight_dtype != torch.float32:  # save the frozen parts as they were, not their half-precision copies
+            fresh = load_components(model_folder, variant=config.variant, allow_pickle=config.allow_pickle)
+            vae, text_encoder = fresh.vae, text_encoder if config.train_text_encoder else fresh.text_encoder
+        sampler = inference_scheduler(
+            model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
+        )
+        final = LatentDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
+        )
+        final.save_pretrained(output_dir)
+        options = output_dir / ".tmp-training_config.json"  # written whole, then renamed: never half a file
+        options.write_text(json.dumps(config.to_dict(), indent=2))
+        os.replace(options, output_dir / "training_config.json")
+        images = []
+        if config.validation_prompts:
+            paths = _validate(final.to(accelerator.device), None, config, seed, global_step, accelerator)
+            images = [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, config.validation_prompts)]
+        hyperparameters = config.to_dict() | {"max_train_steps": max_train_steps, "num_train_epochs": num_epochs}
+        card = model_card(
+            repo_id or config.hub_model_id or output_dir.resolve().name, config.pretrained_model_name_or_path,
+            config.dataset_name or config.train_data_dir, hyperparameters, images, global_step,
+        )  # fmt: skip
+        write_model_card(output_dir, card)
+        if repo_id is not None:
+            push_to_hub(output_dir, repo_id, token=config.hub_token)
+        logger.info(f"Saved the trained pipeline to {output_dir}")
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def _run_seed(config: TrainConfig, resume_from: Path | None, accelerator: Accelerator) -> int:
+    """The seed of the run: the resumed checkpoint's, else `--seed`, else drawn once and shared by all processes."""
+    if resume_from is not None:
+        state = read_state(resume_from)
+        checks = {"num_processes": accelerator.num_processes, "train_batch_size": config.train_batch_size,
+                  "gradient_accumulation_steps": config.gradient_accumulation_steps}  # fmt: skip
+        changed = {k: (state.get(k), v) for k, v in checks.items() if state.get(k) not in (None, v)}
+        if changed:
+            logger.warning(f"Resuming with changed {changed} (saved, now): the data order will not continue exactly.")
+        if config.seed is not None and config.seed != state["seed"]:
+            logger.warning(f"--seed {config.seed} ignored: continuing the resumed run's seed {state['seed']}.")
+        return state["seed"]
+    if config.seed is not None:
+        return config.seed
+    shared = broadcast_object_list([secrets.randbelow(2**31)])  # the main process's draw
+    return shared[0]
+
+
+def _tracker_config(config: TrainConfig) -> dict:
+    """Options as tracker hyperparameters (TensorBoard takes only scalars and strings; no secrets)."""
+    values = {k: ", ".join(v) if isinstance(v, list) else v for k, v in config.to_dict().items()}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _validate(
+    pipeline: LatentDiffusionPipeline, ema: EMAModel | None, config: TrainConfig, seed: int, step: int,
+    accelerator: Accelerator,
+) -> list[Path]:  # fmt: skip
+    """Sample the validation prompts (with the EMA weights swapped in when there is an EMA); save and log them."""
+    logger.info(f"Validation at step {step}")
+    averaged = ema.averaged(pipeline.unet) if ema is not None else contextlib.nullcontext()
+    was_training = pipeline.unet.training
+    pipeline.unet.eval()
+    with averaged:
+        images = generate_validation_images(
+            pipeline, config.validation_prompts, seed, config.validation_inference_steps,
+            config.validation_guidance_scale, config.resolution, accelerator,
+        )  # fmt: skip
+    pipeline.unet.train(was_training)
+    return save_validation_images(images, config.validation_prompts, Path(config.output_dir), step, accelerator)

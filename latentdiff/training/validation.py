@@ -1,0 +1,78 @@
+"""Validation: sample the prompts with a fixed seed, save the PNGs, show them to TensorBoard.
+
+The same seed at every validation makes the images comparable across steps: what changes is the model.
+"""
+
+import logging
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+
+from ..cache import atomic_dir
+from ..pipelines import LatentDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+
+def inference_scheduler(model_folder: Path, **overrides: object) -> SchedulerMixin:
+    """The sampler the base model ships (`scheduler/`), with the training overrides (prediction type, betas).
+
+    Training uses its forward process as a `DDPMScheduler`; the saved pipeline keeps the base's own sampler class
+    (DDIM, PNDM, Euler, ...) so that it samples as users of the base model expect.
+    """
+    config = DDIMScheduler.load_config(model_folder, subfolder="scheduler")
+    scheduler_class = getattr(diffusers, config.get("_class_name", ""), None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        logger.warning(f"Unknown scheduler class {config.get('_class_name')!r} in {model_folder}; sampling with DDIM.")
+        scheduler_class = DDIMScheduler
+    return scheduler_class.from_config(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@torch.no_grad()
+def generate_validation_images(
+    pipeline: LatentDiffusionPipeline,
+    prompts: list[str],
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    accelerator: Accelerator,
+) -> list[Image.Image]:
+    """One image per prompt, each from `torch.Generator().manual_seed(seed)`, at the training resolution."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    with accelerator.autocast():
+        for prompt in prompts:
+            generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+            output = pipeline(
+                prompt,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+            )
+            images.append(output.images[0])
+    return images
+
+
+def save_validation_images(
+    images: list[Image.Image], prompts: list[str], output_dir: Path, step: int, accelerator: Accelerator
+) -> list[Path]:
+    """Write `output_dir/validation/step_<step>/<i>.png` (and `prompts.txt`), and log the images to TensorBoard."""
+    folder = Path(output_dir) / "validation" / f"step_{step}"
+    with atomic_dir(folder) as tmp:
+        for i, image in enumerate(images):
+            image.save(tmp / f"{i}.png")
+        (tmp / "prompts.txt").write_text("".join(f"{i}.png: {p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            batch = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3) uint8
+            tracker.writer.add_images("validation", batch, step, dataformats="NHWC")
+    return [folder / f"{i}.png" for i in range(len(images))]

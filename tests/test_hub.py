@@ -1,0 +1,130 @@
+"""Model card and upload: the train script pushes to a local stand-in for the Hub (HF_ENDPOINT), token kept secret."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from test_data import write_caption_folder
+
+from latentdiff.hub import model_card
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_testTOKENthatMustNotLeak0123456789"
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The four Hub endpoints an upload uses: create repo, validate the card's YAML, preupload, commit."""
+
+    received: dict[str, bytes] = {}
+    authorizations: list[str] = []
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+    def _reply(self, payload: dict, status: int = 200) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.authorizations.append(self.headers.get("Authorization", ""))
+        endpoint = f"http://{self.headers['Host']}"
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            repo_id = f"{request.get('organization') or 'user'}/{request['name']}"
+            return self._reply({"url": f"{endpoint}/{repo_id}", "name": repo_id})
+        if self.path == "/api/validate-yaml":
+            return self._reply({})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._reply(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        if "/commit/" in self.path:
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+            return self._reply({"commitUrl": f"{endpoint}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
+        self._reply({"error": "not found"}, 404)
+
+    def do_GET(self):  # nothing an upload needs (huggingface_hub may probe optional endpoints)
+        self._reply({"error": "not found"}, 404)
+
+
+@pytest.fixture
+def fake_hub():
+    FakeHub.received, FakeHub.authorizations = {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", FakeHub
+    server.shutdown()
+
+
+def test_model_card_metadata_and_body():
+    card = model_card(
+        "me/emoji-sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", "org/emoji-captions",
+        {"learning_rate": 1e-4, "resolution": 512, "hub_token": TOKEN, "seed": None},
+        images=[("validation/step_10/0.png", "a red apple")], global_step=10,
+    )  # fmt: skip
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "text-to-image"
+    assert metadata["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert metadata["datasets"] == ["org/emoji-captions"] and "latentdiff" in metadata["tags"]
+    assert "| a red apple | ![](validation/step_10/0.png) |" in card
+    assert "- learning_rate: 0.0001" in card and "- resolution: 512" in card and "seed" not in card
+    assert TOKEN not in card  # only the listed hyperparameters are shown
+    local = model_card("out", "/models/base", "/data/images", {})
+    assert "base_model" not in local.split("---")[1] and "datasets" not in local.split("---")[1]
+
+
+def test_train_script_pushes_the_pipeline_but_no_checkpoint_or_token(fake_hub, tiny_pipeline_path, tmp_path):
+    """`python train_scripts/train_text_to_image.py ... --push_to_hub --hub_token`, as a user runs it."""
+    endpoint, hub = fake_hub
+    data = write_caption_folder(tmp_path / "data", n=4)
+    output_dir = tmp_path / "out"
+    command = [
+        sys.executable, str(REPO_ROOT / "train_scripts" / "train_text_to_image.py"),
+        "--pretrained_model_name_or_path", str(tiny_pipeline_path), "--train_data_dir", str(data),
+        "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "cache"), "--resolution", "32",
+        "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "1", "--seed", "0",
+        "--lr_warmup_steps", "0", "--report_to", "tensorboard", "--validation_prompts", "a red square",
+        "--validation_inference_steps", "2", "--push_to_hub", "--hub_model_id", "me/tiny-finetune",
+        "--hub_token", TOKEN,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_ENDPOINT": endpoint}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    uploaded = set(hub.received)
+    for name in ("model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors", "unet/config.json",
+                 "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "tokenizer/vocab.json", "scheduler/scheduler_config.json", "validation/step_2/0.png"):  # fmt: skip
+        assert name in uploaded, name
+    assert (output_dir / "checkpoint-2").is_dir()
+    assert not [name for name in uploaded if "checkpoint" in name], uploaded
+    assert hub.received["README.md"] == (output_dir / "README.md").read_bytes()
+    assert (
+        hub.received["unet/diffusion_pytorch_model.safetensors"]
+        == (output_dir / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    assert hub.authorizations and all(a == f"Bearer {TOKEN}" for a in hub.authorizations)  # the token was used...
+    # ... and is nowhere else: not in the output, the logs, any file written, anything uploaded
+    assert TOKEN not in result.stdout + result.stderr
+    for path in output_dir.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert not [name for name, content in hub.received.items() if TOKEN.encode() in content]

@@ -1,0 +1,145 @@
+"""Two processes (torchrun, gloo on CPU): same final weights, disjoint shards, only rank 0 writes the output."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+from test_data import write_caption_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the train script unchanged in each process, and records what that process did: the rows it loaded,
+# every file-system write it made under the output folder (Python's audit hooks), and its final weights.
+DRIVER = r"""
+import hashlib, json, os, runpy, sys
+from pathlib import Path
+
+results, output_dir, script = Path(sys.argv[1]), Path(sys.argv[2]).resolve(), sys.argv[3]
+rank = int(os.environ["RANK"])
+record = {"rows": [], "writes": [], "weights": None}
+
+def note(event, path):
+    if isinstance(path, (str, bytes, os.PathLike)):
+        path = Path(os.fsdecode(path)).resolve()
+        if str(path).startswith(str(output_dir)):
+            record["writes"].append([event, str(path.relative_to(output_dir))])
+
+def audit(event, args):  # Python-level writes: open for writing, mkdir, rename, remove
+    if event == "open" and (any(c in args[1] for c in "wax+") if isinstance(args[1], str)
+                            else args[1] is None and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+        note(event, args[0])
+    elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.rename", "os.replace"):
+        for path in args[:2] if event in ("os.rename", "os.replace") else args[:1]:
+            note(event, path)
+
+# Writes done in C++/Rust (torch.save, safetensors) bypass the audit hook: wrap them before anything imports them.
+import safetensors.torch
+import torch
+
+def wrap(module, name):
+    original = getattr(module, name)
+    def recording(obj, path, *args, **kwargs):
+        note(name, path)
+        return original(obj, path, *args, **kwargs)
+    setattr(module, name, recording)
+wrap(torch, "save")
+wrap(safetensors.torch, "save_file")
+
+import accelerate
+import latentdiff.data
+
+getitem = latentdiff.data.ImageCaptionDataset.__getitem__
+def recording_getitem(self, index):
+    record["rows"].append([self.epoch, index])
+    return getitem(self, index)
+latentdiff.data.ImageCaptionDataset.__getitem__ = recording_getitem
+
+end_training = accelerate.Accelerator.end_training
+def recording_end_training(self):
+    state = self.unwrap_model(self._models[0]).state_dict()
+    record["weights"] = hashlib.sha256(b"".join(state[k].cpu().numpy().tobytes() for k in sorted(state))).hexdigest()
+    (results / f"rank{rank}.json").write_text(json.dumps(record))
+    return end_training(self)
+accelerate.Accelerator.end_training = recording_end_training
+
+sys.addaudithook(audit)
+sys.argv = [script] + sys.argv[4:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
+    data = write_caption_folder(tmp_path / "data", n=12)
+    output_dir, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    (tmp_path / "driver.py").write_text(DRIVER)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(tmp_path / "driver.py"), str(results), str(output_dir),
+        str(REPO_ROOT / "train_scripts" / "train_text_to_image.py"),
+        "--pretrained_model_name_or_path", str(tiny_pipeline_path), "--train_data_dir", str(data),
+        "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "cache"), "--resolution", "32",
+        "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "0",
+        "--random_flip", "--lr_warmup_steps", "0", "--report_to", "tensorboard",
+        "--validation_prompts", "a red square", "--validation_epochs", "1", "--validation_inference_steps", "2",
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    # identical final weights on both ranks, and they are what was saved
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    saved = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    digest = hashlib.sha256(b"".join(saved[k].numpy().tobytes() for k in sorted(saved))).hexdigest()
+    assert digest == ranks[0]["weights"]
+
+    # 12 rows, 2 processes × batch 2: 3 batches each per epoch; in each epoch the two shards are disjoint
+    for epoch in (0, 1):
+        shards = [{row for e, row in rank["rows"] if e == epoch} for rank in ranks]
+        assert shards[0] and shards[1] and not shards[0] & shards[1], (epoch, shards)
+    assert {row for e, row in ranks[0]["rows"] + ranks[1]["rows"] if e == 0} == set(range(12))
+
+    # rank 0 wrote the pipeline, checkpoints, validation images and logs; rank 1 only its own RNG state
+    # inside the checkpoint being written (Accelerate saves one per process)
+    written = {path.split(os.sep)[0] for _, path in ranks[0]["writes"]}
+    assert {
+        "model_index.json",
+        "unet",
+        "README.md",
+        "validation",
+        "logs",
+        "checkpoint-4",
+        ".tmp-checkpoint-4",
+    } <= written
+    for event, path in ranks[1]["writes"]:
+        parts = Path(path).parts
+        assert parts[0].startswith(".tmp-checkpoint-") and (len(parts) == 1 or parts[1:] == ("random_states_1.pkl",)), (
+            event,
+            path,
+        )
+    assert ["save", ".tmp-checkpoint-4/random_states_1.pkl"] in ranks[1]["writes"]  # rank 1 is observed
+    assert ["save_file", "unet/diffusion_pytorch_model.safetensors"] in ranks[0]["writes"]
+    assert (output_dir / "checkpoint-4" / "random_states_1.pkl").is_file()
+
+
+def test_accelerate_configs_load():
+    """Each shipped config is read by Accelerate's own loader (unknown keys or values would raise)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_cpu": "MULTI_CPU", "fsdp": "FSDP",
+                "deepspeed_zero2": "DEEPSPEED"}  # fmt: skip
+    for name, distributed_type in expected.items():
+        config = load_config_from_file(str(REPO_ROOT / "train_scripts" / "accelerate" / f"{name}.yaml"))
+        assert config.distributed_type.value == distributed_type, name
