@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 # Errors that mean "the input was wrong", worded for the user by the code that raised them.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ModuleNotFoundError, OSError)
+# FloatingPointError: training stopped on a NaN/inf loss, with the step named.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ModuleNotFoundError, OSError,
+               FloatingPointError)
 
 
 def _generate(args: argparse.Namespace) -> None:

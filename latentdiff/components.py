@@ -64,8 +64,8 @@ def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
         if not allow_pickle:
             raise ValueError(
                 f"{path} holds only pickle weights {pickled}, and unpickling can run arbitrary code, so only "
-                "safetensors load by default. If you trust this checkpoint, pass allow_pickle=True "
-                "(or convert it to safetensors first)."
+                "safetensors load by default. If you trust this checkpoint, pass --allow_pickle (in Python "
+                "allow_pickle=True), or convert it to safetensors first."
             )
 
 
@@ -88,6 +88,13 @@ def resolve_model_folder(
         `ValueError`: The weights are pickle files and `allow_pickle` is `False`.
     """
     path = Path(pretrained_model_name_or_path)
+    if path.is_file():  # without this check the file name would be tried as a Hub id
+        raise ValueError(
+            f"{path} is a single file, but a model is a diffusers folder (model_index.json, unet/, vae/, ...). "
+            "Convert it with diffusers: StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
+            + (" (a .ckpt is a pickle: unpickling runs code, only convert files you trust)." if path.suffix in
+               PICKLE_SUFFIXES else ".")
+        )  # fmt: skip
     if path.is_dir():
         folder = path
     else:
@@ -115,14 +122,18 @@ def resolve_model_folder(
 def load_unet(
     folder: Path, *, variant: str | None = None, torch_dtype: torch.dtype | None = None, allow_pickle: bool = False
 ) -> UNet2DConditionModel:
-    """Our UNet from a checked local folder's `unet/` (written by latentdiff or by diffusers)."""
-    return UNet2DConditionModel.from_pretrained(
-        folder,
-        subfolder="unet",
-        variant=variant,
-        torch_dtype=torch_dtype,
-        use_safetensors=None if allow_pickle else True,
-    )
+    """Our UNet from a checked local folder's `unet/` (written by latentdiff or by diffusers); a config our UNet does
+    not support (SDXL, SimpleCrossAttn, ...) raises a `ValueError` naming the file and the key."""
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            folder,
+            subfolder="unet",
+            variant=variant,
+            torch_dtype=torch_dtype,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except ValueError as error:
+        raise ValueError(f"{Path(folder) / 'unet' / 'config.json'}: {error}") from error
 
 
 def load_components(

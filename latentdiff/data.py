@@ -3,6 +3,9 @@
 Sources (`load_image_caption_dataset`): a Hub data set id, a folder written by `Dataset.save_to_disk`, a .csv or
 .parquet file whose image column holds paths relative to the file, or an `imagefolder` folder (images plus a
 `metadata.jsonl` naming each `file_name` and its caption), as diffusers' train_text_to_image.py reads them.
+Users' folders are messy, so before training every image is opened once: files that cannot be read are skipped
+with one summary (or stop the run, `on_bad_image="error"`), and text files are checked line by line so that a
+mistake is reported with its file and line rather than as an Arrow error.
 
 Examples (`ImageCaptionDataset`): RGB (transparency composited on white), shorter side resized to the resolution,
 center or random crop, random flip, scaled to [-1, 1]; one caption drawn when a row holds several; the empty
@@ -10,19 +13,24 @@ caption with probability `caption_dropout`. Every random choice comes from a gen
 (seed, epoch, row), so an example does not depend on which process, worker or resumed run produces it.
 """
 
+import contextlib
 import functools
+import io
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .text import logger as text_logger
 from .text import tokenize_prompts
 
 logger = logging.getLogger(__name__)
@@ -30,6 +38,8 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TABLE_LOADERS = {".csv": "csv", ".parquet": "parquet"}
 WHITE = (255, 255, 255)
+BAD_IMAGE_ACTIONS = ("skip", "error")
+JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true/false", list: "a list", dict: "an object"}  # fmt: skip
 
 
 # 1. Sources
@@ -44,6 +54,7 @@ def load_image_caption_dataset(
     caption_column: str = "text",
     max_train_samples: int | None = None,
     seed: int | None = None,
+    on_bad_image: str = "skip",
 ) -> datasets.Dataset:
     r"""Load the training split of an image-caption data set, with its image column decoded to PIL images.
 
@@ -54,9 +65,14 @@ def load_image_caption_dataset(
         train_data_dir (`str`, *optional*): An `imagefolder` folder (or `data_dir` of `dataset_name`).
         image_column / caption_column (`str`): Column names; a missing one raises an error listing those present.
         max_train_samples (`int`, *optional*): Keep a random subset (drawn with `seed`) of this size.
+        on_bad_image (`str`, *optional*, defaults to `"skip"`): What to do with images that cannot be read
+            (truncated, empty, not images, missing, decompression bombs): `"skip"` them with one summary
+            warning, or raise an `"error"` listing them. See `drop_bad_images`.
     """
     if dataset_name is None and train_data_dir is None:
         raise ValueError("Give a dataset_name (Hub id, file or folder) or a train_data_dir.")
+    if on_bad_image not in BAD_IMAGE_ACTIONS:
+        raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}.")
     source = dataset_name or train_data_dir
     base_dir = None  # where relative image paths in a table are resolved
     if dataset_name is None:
@@ -65,6 +81,9 @@ def load_image_caption_dataset(
         path = Path(dataset_name)
         if not path.is_file():
             raise FileNotFoundError(f"Data set file {path} does not exist.")
+        if path.suffix.lower() == ".csv":
+            for _ in _utf8_lines(path):  # a line that is not UTF-8 raises an error naming it
+                pass
         dataset = datasets.load_dataset(
             TABLE_LOADERS[path.suffix.lower()], data_files=str(path), split="train", cache_dir=cache_dir
         )
@@ -83,11 +102,18 @@ def load_image_caption_dataset(
             )
     if len(dataset) == 0:
         raise ValueError(f"The data set {source} has no rows.")
+    caption_feature = dataset.features[caption_column]
+    item = getattr(caption_feature, "feature", caption_feature)  # a list of captions: check its items
+    if not (isinstance(item, datasets.Value) and item.dtype in ("string", "large_string", "null")):
+        raise ValueError(
+            f"The caption column {caption_column!r} of {source} holds {caption_feature}, not text: pass the column "
+            f"of captions with --caption_column (the columns are {dataset.column_names}), or convert it to strings."
+        )
     if not isinstance(dataset.features[image_column], datasets.Image):
         dataset = _image_paths_to_images(dataset, image_column, base_dir, source)
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
-    return dataset
+    return drop_bad_images(dataset, image_column, on_bad_image)
 
 
 def _is_saved_to_disk(path: Path) -> bool:
@@ -107,16 +133,59 @@ def _load_imagefolder(folder: Path, cache_dir: str | None) -> datasets.Dataset:
     if not folder.is_dir():
         raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
     files = [Path(root) / name for root, _, names in os.walk(folder) for name in names]
-    if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):
+    images = {f.resolve() for f in files if f.suffix.lower() in IMAGE_EXTENSIONS}
+    if not images:
         raise ValueError(f"--train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    for metadata in (f for f in files if f.name == "metadata.jsonl"):
-        with open(metadata, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                try:
-                    line.strip() and json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{metadata}, line {number}, is not valid JSON: {error}") from None
+    metadata_files = [f for f in files if f.name == "metadata.jsonl"]
+    named = set().union(*(_check_metadata(metadata) for metadata in metadata_files))
+    unlisted = sorted(images - named) if metadata_files else []
+    if unlisted:
+        logger.warning(
+            f"{len(unlisted)} images in {folder} have no line in metadata.jsonl and are not used, e.g. "
+            f"{', '.join(p.name for p in unlisted[:5])}."
+        )
     return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache_dir)
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """`(number, text)` of each line of a text file; a line that is not UTF-8 raises an error naming it."""
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {number}, is not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}): "
+                    "save it as UTF-8."
+                ) from None
+
+
+def _check_metadata(path: Path) -> set[Path]:
+    """Check a metadata.jsonl line by line (UTF-8, JSON objects with a `file_name`, one JSON type per key: Arrow
+    reports a mix only as "changed from string to array in row 1"); returns the image files it names."""
+    named, kinds = set(), {}
+    for number, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}, is not valid JSON: {error}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise ValueError(
+                f"{path}, line {number}, is not a JSON object with a 'file_name' (the image's path relative to "
+                f"the file): {line.strip()[:100]}"
+            )
+        for key, value in (item for item in row.items() if item[1] is not None):  # null fits any type
+            kind = JSON_KINDS[type(value)]
+            first_kind, first_line = kinds.setdefault(key, (kind, number))
+            if kind != first_kind:
+                raise ValueError(
+                    f"{path}: {key!r} is {first_kind} on line {first_line} but {kind} on line {number}. Use one type "
+                    "per key on every line (a single caption as a one-element list when others are lists)."
+                )
+        named.add((path.parent / row["file_name"]).resolve())
+    return named
 
 
 def _image_paths_to_images(
@@ -137,7 +206,68 @@ def _image_paths_to_images(
     return dataset.cast_column(column, datasets.Image())
 
 
-# 2. Transforms
+# 2. Images that cannot be trained on
+
+
+def image_problem(value: dict | None) -> str | None:
+    """Why a stored image (`datasets.Image(decode=False)`: `{"bytes", "path"}`) cannot be used, or `None`."""
+    if value is None or (value.get("bytes") is None and value.get("path") is None):
+        return "no image"
+    data, path = value.get("bytes"), value.get("path")
+    if data is None and not os.path.isfile(path):
+        return "missing file"
+    if (len(data) if data is not None else os.path.getsize(path)) == 0:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, still reading every byte
+            image.load()
+    except Image.DecompressionBombError as error:
+        return f"too many pixels, a possible decompression bomb: {error}"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Exception as error:  # a malformed file can make a Pillow decoder raise almost anything
+        return "truncated" if "truncated" in str(error) else f"cannot be decoded: {type(error).__name__}: {error}"
+    return None
+
+
+def drop_bad_images(dataset: datasets.Dataset, image_column: str, on_bad_image: str = "skip") -> datasets.Dataset:
+    r"""Open every image once (decoding JPEGs at 1/8 scale) and drop the rows whose image cannot be used.
+
+    A truncated download, an empty file, a text file named `.png`, a missing file or a decompression bomb would
+    otherwise stop a run hours in, at the batch that draws it. They are found before training instead.
+
+    Args:
+        dataset (`datasets.Dataset`): Rows with an image column of type `datasets.Image`.
+        image_column (`str`): Its name.
+        on_bad_image (`str`, *optional*, defaults to `"skip"`): `"skip"`: drop them, with one warning that counts
+            and names them; `"error"`: raise a `ValueError` listing them. No usable image at all is always an error.
+    """
+    stored = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    problems = {}
+    for start in tqdm(range(0, len(stored), 256), desc="Checking images", unit="batch", leave=False):
+        for row, value in enumerate(stored[start : start + 256][image_column], start=start):
+            if (reason := image_problem(value)) is not None:
+                where = value["path"] if value and value.get("bytes") is None else f"row {row}"
+                problems[row] = f"{where} ({reason})"
+    if not problems:
+        return dataset
+    named = ", ".join(list(problems.values())[:10]) + (f" and {len(problems) - 10} more" if len(problems) > 10 else "")
+    if len(problems) == len(dataset):
+        raise ValueError(f"None of the {len(dataset)} images can be used: {named}.")
+    if on_bad_image == "error":
+        raise ValueError(
+            f"{len(problems)} of {len(dataset)} images cannot be used: {named}. Fix or remove them, or leave out "
+            "--on_bad_image error to skip them."
+        )
+    logger.warning(
+        f"Skipped {len(problems)} of {len(dataset)} images that cannot be used: {named}. "
+        "(--on_bad_image error stops instead.)"
+    )
+    return dataset.select([row for row in range(len(dataset)) if row not in problems])
+
+
+# 3. Transforms
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -197,7 +327,25 @@ def pick_caption(value: object, rng: np.random.Generator, dropout: float = 0.0) 
     return "" if dropout_u < dropout else value
 
 
-# 3. The torch data set
+# 4. Captions and the torch data set
+
+
+def warn_long_captions(dataset: datasets.Dataset, caption_column: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Count the captions that the tokenizer will cut to its `model_max_length` (77 for CLIP), and say so once
+    for the whole data set (`collate_examples` does not repeat it for every batch). Returns the count."""
+    captions = []
+    for value in dataset[caption_column]:
+        captions += ["" if c is None else c for c in (value if isinstance(value, (list, tuple)) else [value])]
+    max_length, long = tokenizer.model_max_length, []
+    for start in range(0, len(captions), 1024):
+        ids = tokenizer(captions[start : start + 1024], truncation=False, verbose=False).input_ids
+        long += [start + i for i, tokens in enumerate(ids) if len(tokens) > max_length]
+    if long:
+        logger.warning(
+            f"{len(long)} of {len(captions)} captions are longer than {max_length} tokens and are cut to "
+            f"{max_length}, as Stable Diffusion does, e.g. {captions[long[0]][:80]!r}..."
+        )
+    return len(long)
 
 
 def derive_seed(*keys: int) -> int:
@@ -300,12 +448,25 @@ class EpochShuffler(torch.utils.data.Sampler[int]):
 
 
 def collate_examples(examples: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict:
-    """Stack examples into a batch and tokenize the captions (`input_ids` `(B, 77)`)."""
-    batch = {"input_ids": tokenize_prompts(tokenizer, [e["caption"] for e in examples])}
+    """Stack examples into a batch and tokenize the captions (`input_ids` `(B, 77)`), cutting long ones quietly:
+    `warn_long_captions` reports them once per run."""
+    with _quiet(text_logger):
+        batch = {"input_ids": tokenize_prompts(tokenizer, [e["caption"] for e in examples])}
     for key in ("pixel_values", "latent_dist"):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples]).contiguous()  # (B, C, H, W)
     return batch
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Errors only from `logger` inside the block (a data loader worker or the main loop, one thread each)."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def make_collate_fn(tokenizer: PreTrainedTokenizerBase) -> functools.partial:

@@ -11,6 +11,7 @@ It takes `StableDiffusionPipeline`'s arguments and reads and writes its folder f
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -169,8 +170,19 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None,
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
+        guidance_scale: float,
     ) -> None:
         """Every argument problem as one clear `ValueError`, before any model runs."""
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
+            raise ValueError(
+                f"guidance_scale must be a finite number ≥ 0 (1 or less turns guidance off; 7.5 is usual), "
+                f"got {guidance_scale!r}."
+            )
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(
                 f"height and width must be divisible by the VAE factor {self.vae_scale_factor}, got {height}x{width}."
@@ -185,6 +197,13 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of prompt and prompt_embeds (got both or neither).")
+        text_width = self.text_encoder.config.hidden_size  # what the UNet's cross-attention takes
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != text_width):
+                raise ValueError(
+                    f"{name} must have shape (batch, tokens, {text_width}), the text encoder's width, got "
+                    f"{tuple(embeds.shape)}."
+                )
         if prompt is not None and not (isinstance(prompt, str) or _is_str_list(prompt)):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
@@ -351,7 +370,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(
             prompt, height, width, num_inference_steps, timesteps, num_images_per_prompt, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs,
+            prompt_embeds, negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         device = self._execution_device

@@ -85,3 +85,14 @@ def tiny_pipeline_path(tmp_path_factory) -> Path:
     from latentdiff.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("single_thread")`): the tiny
+    models train several times faster without thread hand-offs on the shared 2-core machines, and a subprocess
+    started with OMP_NUM_THREADS=1 computes bit for bit the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

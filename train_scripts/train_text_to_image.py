@@ -5,18 +5,19 @@ The arguments are those of diffusers' examples/text_to_image/train_text_to_image
 --cache_latents, --train_text_encoder, --unet_config, ...), generated from `latentdiff.training.TrainConfig`;
 a single .yaml/.json path instead of flags reads them from that file. Runs with `python` too (one process),
 and with `torchrun --nproc_per_node N` (data-parallel, also on CPUs). See docs/training.md.
+
+It is `latentdiff train`: a bad argument, file or model ends the run with one `error: ...` line (exit status 2)
+instead of a traceback.
 """
 
-import logging
 import sys
 
-from latentdiff.training import parse_train_args, train
+from latentdiff.cli import main as cli_main
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    train(parse_train_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

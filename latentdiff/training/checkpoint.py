@@ -10,6 +10,7 @@ written last. Everything is first written to `.tmp-checkpoint-<step>` and rename
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -30,13 +31,18 @@ EMA_FILE = "ema.safetensors"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint folder's name (`checkpoint-<step>`)."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """The complete checkpoints in `output_dir`, oldest (lowest step) first."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None:
@@ -140,14 +146,25 @@ def save_checkpoint(
             os.replace(tmp, final)
         logger.info(f"Saved training state to {final}")
         if total_limit is not None:
-            rotate_checkpoints(output_dir, total_limit, keep)
+            rotate_checkpoints(output_dir, total_limit, keep, newest=final)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int, keep: Path | None = None) -> list[Path]:
-    """Delete all but the newest `total_limit` complete checkpoints (never `keep`) and leftover partial ones."""
+def rotate_checkpoints(
+    output_dir: str | os.PathLike, total_limit: int, keep: Path | None = None, newest: Path | None = None
+) -> list[Path]:
+    r"""Delete all but the newest `total_limit` complete checkpoints, and leftover partial ones.
+
+    Args:
+        keep (`Path`, *optional*): Never deleted: the checkpoint this run resumed from.
+        newest (`Path`, *optional*): The checkpoint just written. Checkpoints of later steps were left by a run that
+            went further before this one resumed from an earlier point: they are not this run's to delete, and
+            they must not push out the one just written.
+    """
     checkpoints = list_checkpoints(output_dir)
+    if newest is not None:
+        checkpoints = [p for p in checkpoints if checkpoint_step(p) <= checkpoint_step(newest)]
     kept = None if keep is None else Path(keep).resolve()
     removed = [p for p in checkpoints[: max(len(checkpoints) - total_limit, 0)] if p.resolve() != kept]
     removed += [p for p in Path(output_dir).glob(f".tmp-{PREFIX}*") if p.is_dir()]
@@ -164,6 +181,16 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` saved (models, optimizer, LR scheduler, EMA, RNG); return its `state`."""
-    accelerator.load_state(str(path))
+    """Restore everything `save_checkpoint` saved (models, optimizer, LR scheduler, EMA, RNG); return its `state`.
+
+    Models and EMA are safetensors; Accelerate reads the optimizer, scheduler and RNG pickles with torch's
+    `weights_only` unpickler, which refuses anything but tensors and plain values: a tampered file is an error.
+    """
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds a pickle with more than tensors and numbers, so it was not loaded (unpickling it could run "
+            f"code). Resume only from checkpoints your own runs wrote. ({str(error).splitlines()[-1]})"
+        ) from error
     return read_state(path)

@@ -68,6 +68,11 @@ class TrainConfig:
         default="text", metadata=_help("The column holding a caption, or a list of captions (one is drawn at random).")
     )
     max_train_samples: int | None = field(default=None, metadata=_help("Train on a random subset of this size."))
+    on_bad_image: Literal["skip", "error"] = field(
+        default="skip",
+        metadata=_help("Images that cannot be read (truncated, empty, not images, missing, decompression bombs) are "
+                       "found before training: skip them with one summary warning, or stop with an error listing them."),
+    )  # fmt: skip
     resolution: int = field(default=512, metadata=_help("Images are resized (shorter side) and cropped to this size."))
     center_crop: bool = field(default=False, metadata=_help("Crop the center; otherwise a random crop."))
     random_flip: bool = field(default=False, metadata=_help("Flip images horizontally at random."))
@@ -188,6 +193,8 @@ class TrainConfig:
         for name in ("caption_dropout", "ema_decay", "ema_min_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be between 0 and 1, got {getattr(self, name)!r}.")
+        if self.on_bad_image not in ("skip", "error"):
+            raise ValueError(f"--on_bad_image must be 'skip' or 'error', got {self.on_bad_image!r}.")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:

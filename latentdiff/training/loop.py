@@ -32,13 +32,22 @@ from ..data import (
     derive_seed,
     load_image_caption_dataset,
     make_collate_fn,
+    warn_long_captions,
 )
 from ..hub import create_hub_repo, model_card, push_to_hub, write_model_card
 from ..models import UNet2DConditionModel
 from ..pipelines import LatentDiffusionPipeline
 from ..text import encode_prompts
 from .accelerator import accelerator_for, check_distributed_support
-from .checkpoint import load_checkpoint, read_state, register_hooks, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    register_hooks,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .ema import EMAModel
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
@@ -123,8 +132,10 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     with accelerator.main_process_first():
         rows = load_image_caption_dataset(
             config.dataset_name, config.dataset_config_name, config.train_data_dir, config.cache_dir,
-            config.image_column, config.caption_column, config.max_train_samples, seed,
+            config.image_column, config.caption_column, config.max_train_samples, seed, config.on_bad_image,
         )  # fmt: skip
+    if accelerator.is_main_process:
+        warn_long_captions(rows, config.caption_column, tokenizer)
     transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
     dataset = ImageCaptionDataset(
         rows, transform, seed, config.image_column, config.caption_column, config.caption_dropout
@@ -160,6 +171,11 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     if resume_from is not None:
         global_step = load_checkpoint(accelerator, resume_from)["global_step"]
         logger.info(f"Resumed from {resume_from} at step {global_step}")
+        if later := [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > global_step]:
+            logger.warning(
+                f"{output_dir} also holds {later}, saved by a run that went further: this run replaces them as it "
+                "reaches their steps, and until then --resume_from_checkpoint latest means them, not this run."
+            )
     elif config.resume_from_checkpoint:
         logger.info(f"No complete checkpoint in {output_dir}: starting a new run.")
     first_epoch, skip_batches = global_step // updates_per_epoch, (global_step % updates_per_epoch) * accum
@@ -208,15 +224,16 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 )  # fmt: skip
                 mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()  # over processes
                 if not math.isfinite(mean_loss):
-                    raise FloatingPointError(
-                        f"The loss is {mean_loss} at step {global_step + 1} (epoch {epoch}, batch {batch_index}): "
-                        f"training stopped before updating the weights; the checkpoints in {output_dir} are intact. "
-                        "Lower --learning_rate, use bf16 instead of fp16, or resume from the last checkpoint."
-                    )
+                    raise _non_finite("loss", mean_loss, global_step + 1, epoch, batch_index, output_dir)
                 step_loss += mean_loss / accum
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)  # same on every process
+                    # A finite loss can still overflow the gradients, which would make every weight NaN (and the
+                    # next checkpoint with them). fp16's grad scaler skips such steps itself.
+                    if grad_norm is not None and accelerator.scaler is None and not torch.isfinite(grad_norm):
+                        raise _non_finite("gradient norm", grad_norm.item(), global_step + 1, epoch, batch_index,
+                                          output_dir)  # fmt: skip
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -297,6 +314,14 @@ def _run_seed(config: TrainConfig, resume_from: Path | None, accelerator: Accele
         return config.seed
     shared = broadcast_object_list([secrets.randbelow(2**31)])  # the main process's draw
     return shared[0]
+
+
+def _non_finite(what: str, value: float, step: int, epoch: int, batch: int, output_dir: Path) -> FloatingPointError:
+    return FloatingPointError(
+        f"The {what} is {value} at step {step} (epoch {epoch}, batch {batch}): training stopped before updating the "
+        f"weights; the checkpoints in {output_dir} are intact. Lower --learning_rate, use bf16 instead of fp16, or "
+        "resume from the last checkpoint."
+    )
 
 
 def _tracker_config(config: TrainConfig) -> dict:

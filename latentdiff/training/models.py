@@ -18,7 +18,10 @@ def noise_scheduler_for(scheduler: DDPMScheduler, config: TrainConfig) -> DDPMSc
 
 def unet_from_config(path: str, vae: AutoencoderKL, text_encoder: PreTrainedModel) -> UNet2DConditionModel:
     """A randomly initialised UNet from a config.json (or its folder), checked against the VAE and text encoder."""
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path))
+    try:
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path))
+    except ValueError as error:
+        raise ValueError(f"--unet_config {path}: {error}") from error
     latent_channels = vae.config.latent_channels
     if unet.config.in_channels != latent_channels or unet.config.out_channels != latent_channels:
         raise ValueError(

@@ -1,0 +1,224 @@
+"""Faults lose nothing: a kill during a step or a checkpoint write, a NaN/inf, and checkpoint rotation on resume.
+
+Every scenario is compared with one uninterrupted reference run (same options, bit for bit on CPU). The parts
+(resolve "latest", rotation with `keep`, exact resume) are unit-tested in tests/test_training.py.
+"""
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import write_caption_folder
+
+import latentdiff.training.checkpoint as checkpoint_module
+import latentdiff.training.loop as loop_module
+from latentdiff.training import TrainConfig, train
+from latentdiff.training.checkpoint import STATE_FILE, list_checkpoints, resolve_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6  # 8 images, batch 2: 4 steps per epoch, so resumes land mid-epoch too
+UNET, EMA = "unet/diffusion_pytorch_model.safetensors", "ema.safetensors"
+OPTIONS = dict(
+    resolution=32, train_batch_size=2, max_train_steps=STEPS, learning_rate=1e-3, lr_warmup_steps=0, seed=0,
+    report_to="none", checkpointing_steps=1, use_ema=True, ema_decay=0.9, random_flip=True, caption_dropout=0.2,
+)  # fmt: skip
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside this process: nothing catches it, nothing after it runs in the loop."""
+
+
+def config_for(pipeline: Path, data: Path, output_dir: Path, **overrides) -> TrainConfig:
+    return TrainConfig(
+        pretrained_model_name_or_path=str(pipeline), train_data_dir=str(data), output_dir=str(output_dir),
+        cache_dir=str(output_dir.parent / "datasets-cache"), **{**OPTIONS, **overrides},
+    )  # fmt: skip
+
+
+def assert_same_weights(path_a: Path, path_b: Path) -> None:
+    a, b = load_file(path_a), load_file(path_b)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), (path_a, path_b)
+
+
+def assert_ends_like(output_dir: Path, reference: Path) -> None:
+    """Final pipeline (EMA weights) and last checkpoint (raw and EMA weights) equal the uninterrupted run's."""
+    assert_same_weights(output_dir / UNET, reference / UNET)
+    for name in (UNET, EMA):
+        assert_same_weights(output_dir / f"checkpoint-{STEPS}" / name, reference / f"checkpoint-{STEPS}" / name)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline_path, tmp_path_factory, single_thread):
+    """The uninterrupted run: (pipeline, data, output folder with the final pipeline and checkpoint-1..6)."""
+    root = tmp_path_factory.mktemp("reference")
+    data = write_caption_folder(root / "data", n=8)
+    output_dir = train(config_for(tiny_pipeline_path, data, root / "out"))
+    return tiny_pipeline_path, data, output_dir
+
+
+# ---- kills --------------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_at_a_random_step_then_resume_latest_equals_an_uninterrupted_run(reference, tmp_path):
+    """`python train_scripts/train_text_to_image.py` is SIGKILLed at a random step, half the time in the middle of
+    writing a checkpoint; every checkpoint-N folder left is complete, and resuming from "latest" ends exactly as
+    the uninterrupted run."""
+    pipeline, data, reference_dir = reference
+    rng = random.Random()  # a different step each run: the scenario is printed with any failure
+    step, while_saving = rng.randint(1, STEPS - 2), rng.random() < 0.5
+    scenario = f"killed {'while writing checkpoint-' if while_saving else 'after checkpoint-'}{step + while_saving}"
+    output_dir = tmp_path / "out"
+    config = config_for(pipeline, data, output_dir)
+    (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+    # the UNet is written first, the optimizer and the training state after it: this file means "half written"
+    signal_file = f".tmp-checkpoint-{step + 1}/unet/config.json" if while_saving else f"checkpoint-{step}/{STATE_FILE}"
+    with open(tmp_path / "log.txt", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "train_scripts" / "train_text_to_image.py"), str(tmp_path / "run.json")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not (output_dir / signal_file).exists():
+            assert process.poll() is None, f"{scenario}: the run ended first:\n{(tmp_path / 'log.txt').read_text()}"
+            assert time.monotonic() < deadline, scenario
+            time.sleep(0.002)
+        if not while_saving:
+            time.sleep(rng.uniform(0, 0.2))  # somewhere in the next step
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+
+    folders = [p for p in output_dir.iterdir() if p.name.startswith("checkpoint-")]
+    assert all((p / STATE_FILE).is_file() for p in folders), (scenario, [p.name for p in folders])
+    latest = resolve_checkpoint(output_dir, "latest")
+    assert latest is not None and int(latest.name.split("-")[1]) >= step, (scenario, latest)
+    if while_saving:
+        assert latest.name == f"checkpoint-{step}" and (output_dir / f".tmp-checkpoint-{step + 1}").is_dir(), scenario
+    train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))
+    assert_ends_like(output_dir, reference_dir)
+
+
+@pytest.mark.parametrize("where", ["inside save_state", "before the rename"])
+def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_path, monkeypatch, where):
+    """A deterministic kill at the two points of a checkpoint write: the half-written folder is never "latest",
+    the previous checkpoint loads, and the resumed run ends exactly as the uninterrupted one."""
+    pipeline, data, reference_dir = reference
+    output_dir = tmp_path / "out"
+    partial = output_dir / ".tmp-checkpoint-3"
+    if where == "inside save_state":  # the EMA is saved after the UNet folder, before optimizer and RNG states
+
+        def save_file(tensors, path, metadata=None):
+            if Path(path).parent == partial:
+                raise Killed
+            return original_save_file(tensors, path, metadata=metadata)
+
+        original_save_file = checkpoint_module.save_file
+        monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    else:  # complete, training_state.json written, not yet renamed
+
+        def replace(source, target):
+            if Path(source) == partial:
+                raise Killed
+            return original_replace(source, target)
+
+        original_replace = os.replace
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        train(config_for(pipeline, data, output_dir))
+    monkeypatch.undo()
+
+    assert partial.is_dir() and not (output_dir / "checkpoint-3").exists()
+    assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-1", "checkpoint-2"]
+    assert resolve_checkpoint(output_dir, "latest") == output_dir / "checkpoint-2"
+    train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))
+    assert_ends_like(output_dir, reference_dir)
+
+
+# ---- NaN and inf ------------------------------------------------------------------------------------------------
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity whose gradient is infinite: a finite loss with overflowing gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+FAULTS = {
+    "nan loss": (lambda loss: loss * float("nan"), r"The loss is nan at step 4"),
+    "inf loss": (lambda loss: loss * float("inf"), r"The loss is inf at step 4"),
+    "inf gradient": (InfiniteGradient.apply, r"The gradient norm is (inf|nan) at step 4"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_nan_or_inf_stops_naming_the_step_and_keeps_checkpoints_and_output(reference, tmp_path, monkeypatch, fault):
+    """A finished run is resumed from checkpoint-2 and hits a non-finite value at step 4: it stops with an error
+    naming the step, before any weight is updated, and every file of the folder stays as it was (checkpoint-3,
+    saved again on the way, holds the same weights)."""
+    pipeline, data, reference_dir = reference
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference_dir, output_dir)
+    before = file_hashes(output_dir)
+    corrupt, message = FAULTS[fault]
+    real_loss, steps = loop_module.diffusion_loss, itertools.count(3)  # resumed after step 2: the next is 3
+
+    def faulty_loss(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        return corrupt(loss) if next(steps) == 4 else loss
+
+    monkeypatch.setattr(loop_module, "diffusion_loss", faulty_loss)
+    with pytest.raises(FloatingPointError, match=message + r".*checkpoints in .* are intact"):
+        train(config_for(pipeline, data, output_dir, resume_from_checkpoint="checkpoint-2"))
+
+    after = file_hashes(output_dir)
+    assert after.keys() == before.keys()
+    assert not [name for name in before if before[name] != after[name] and not name.startswith("checkpoint-3/")]
+    for name in (UNET, EMA):
+        assert_same_weights(output_dir / "checkpoint-3" / name, reference_dir / "checkpoint-3" / name)
+
+
+# ---- rotation ---------------------------------------------------------------------------------------------------
+
+
+def test_total_limit_never_deletes_the_resumed_or_the_new_checkpoint(reference, tmp_path, caplog):
+    """Resuming from checkpoint-2 of a finished 6-step run with --checkpoints_total_limit 1 and 4 steps: the
+    checkpoint resumed from and the one just written stay; the other run's later checkpoints are not this run's
+    to delete (a warning says "latest" means them)."""
+    pipeline, data, reference_dir = reference
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference_dir, output_dir)
+    config = config_for(pipeline, data, output_dir, max_train_steps=4, checkpoints_total_limit=1,
+                        resume_from_checkpoint="checkpoint-2")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        train(config)
+    names = [p.name for p in list_checkpoints(output_dir)]
+    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-5", "checkpoint-6"], names
+    assert_same_weights(output_dir / "checkpoint-2" / UNET, reference_dir / "checkpoint-2" / UNET)
+    assert_same_weights(output_dir / "checkpoint-4" / UNET, reference_dir / "checkpoint-4" / UNET)
+    assert any("checkpoint-5" in r.getMessage() and "latest" in r.getMessage() for r in caplog.records)
