@@ -1,0 +1,519 @@
+"""Ours vs diffusers on a CUDA GPU at Stable Diffusion 1.5 size: training throughput and sampling latency.
+
+Each figure of issue 8, for diffusers' UNet2DConditionModel and ours, same config and same weights:
+  a  training step: bf16 autocast, fp32 weights, fused AdamW, batch 32, 64×64 latents, 77×768 text
+  b  UNet forward, bf16, batch 2 (one CFG image)
+  c  50-step DDIM + CFG 7.5, 512×512, 1 image, text encoder + UNet + VAE decode: diffusers'
+     StableDiffusionPipeline with its UNet vs our LatentDiffusionPipeline with ours (same VAE, CLIP weights)
+  d  the same with 8 images
+
+    python benchmarks/gpu.py --json all.json                  # every part; split it with --only (see README)
+    python benchmarks/gpu.py --only b --ours eager,compile,compile+channels-last,compile-cg --diffusers eager
+    python benchmarks/gpu.py --only b --profile kernels.txt   # + each variant's top kernels (torch.profiler)
+    python benchmarks/gpu.py --table a.json bcd.json          # markdown rows for docs/performance.md
+    python benchmarks/gpu.py --device cpu --tiny              # the same code on a tiny config: checks the script
+
+A variant is levers joined by '+': eager (none), compile, compile-cg (+ CUDA graphs), compile-max
+(max-autotune), channels-last, flash / cudnn / efficient / math (attention kernel), fuse-qkv, compile-vae (c, d).
+Times are medians of CUDA-event-timed runs after warm-up; peak is torch.cuda.max_memory_allocated over the
+variant (weights, optimizer state, activations); FLOPs are counted once per model on the meta device.
+Speed-up = diffusers' time / ours (> 1: ours is faster).
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import latentdiff
+from latentdiff.acceleration import (
+    ATTENTION_BACKENDS,
+    attention_backend,
+    compile_pipeline,
+    compile_unet,
+    count_flops,
+    peak_bf16_flops,
+)
+from latentdiff.pipelines import LatentDiffusionPipeline
+from latentdiff.tiny import SD_SCHEDULE
+from latentdiff.tokenizer import build_clip_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet import CONFIGS, make_inputs  # noqa: E402  (the UNet benchmark beside this file)
+
+PARTS = ("a", "b", "c", "d")
+PROMPT = "a photograph of an astronaut riding a horse"
+GUIDANCE = 7.5
+UNETS = {"diffusers": diffusers.UNet2DConditionModel, "ours": latentdiff.UNet2DConditionModel}
+COMPILE_LEVERS = {"compile": "default", "compile-cg": "reduce-overhead", "compile-max": "max-autotune"}
+LEVERS = ("eager", *COMPILE_LEVERS, "channels-last", "fuse-qkv", "compile-vae", *ATTENTION_BACKENDS)
+DEFAULT_VARIANTS = {
+    "a": {"diffusers": ["eager"], "ours": ["eager", "compile"]},
+    "b": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile"]},
+    "c": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile"]},
+    "d": {"diffusers": ["eager"], "ours": ["eager", "compile"]},
+}
+CPU_VARIANTS = {"diffusers": ["eager"], "ours": ["eager"]}  # inductor's C++ build takes minutes on a CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    unet: dict  # UNet2DConditionModel config
+    vae: dict  # AutoencoderKL config beyond the block types
+    text: dict  # CLIPTextConfig beyond vocabulary and special tokens
+    train_batch: int
+    image: int  # pixels per side
+    steps: int  # denoising steps
+    images: dict  # part → images per prompt
+
+
+SD15 = Sizes(
+    unet=CONFIGS["sd15"],
+    vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),  # SD-1.5's vae/
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768),  # CLIP ViT-L/14's text tower, SD-1.5's text_encoder/
+    train_batch=32, image=512, steps=50, images={"c": 1, "d": 8},
+)  # fmt: skip
+TINY = Sizes(
+    unet=CONFIGS["small"],
+    vae=dict(block_out_channels=(32, 32), layers_per_block=1, sample_size=32),
+    text=dict(hidden_size=CONFIGS["small"]["cross_attention_dim"], intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4),
+    train_batch=4, image=32, steps=4, images={"c": 1, "d": 2},
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    compile_mode: str | None = None
+    attention: str | None = None
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    compile_vae: bool = False
+
+
+def parse_variant(name: str, part: str) -> Variant:
+    """'compile+channels-last' → Variant; a ValueError names a lever that is unknown or misplaced."""
+    levers = set(name.split("+")) - {"eager"}
+    unknown = levers - set(LEVERS)
+    if unknown or not name:
+        raise ValueError(f"Unknown lever(s) {sorted(unknown) or [name]} in variant {name!r}: use {', '.join(LEVERS)}.")
+    compile_modes = [COMPILE_LEVERS[lever] for lever in levers if lever in COMPILE_LEVERS]
+    backends = [lever for lever in levers if lever in ATTENTION_BACKENDS]
+    if len(compile_modes) > 1 or len(backends) > 1:
+        raise ValueError(f"Variant {name!r} names more than one compile mode or attention kernel: pick one.")
+    if "compile-vae" in levers and (part in ("a", "b") or not compile_modes):
+        raise ValueError(f"Variant {name!r}: compile-vae goes with a compile lever, in parts c and d only.")
+    return Variant(name, compile_modes[0] if compile_modes else None, backends[0] if backends else None,
+                   "channels-last" in levers, "fuse-qkv" in levers, "compile-vae" in levers)  # fmt: skip
+
+
+def prepare_unet(unet: torch.nn.Module, variant: Variant, compile_now: bool = True) -> torch.nn.Module:
+    if variant.fuse_qkv:
+        if not hasattr(unet, "fuse_qkv_projections"):
+            raise ValueError(f"{type(unet).__module__}.UNet2DConditionModel has no fuse_qkv_projections().")
+        unet.fuse_qkv_projections()
+    if variant.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if variant.compile_mode and compile_now:
+        compile_unet(unet, variant.compile_mode)
+    return unet
+
+
+def elapsed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: between CUDA events recorded around it on a GPU (host gaps and compiling included)."""
+    if device.type != "cuda":
+        start_s = time.perf_counter()
+        fn()
+        return time.perf_counter() - start_s
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median seconds of `repeats` calls after `warmup` ones; the warm-up times show the compile cost.
+
+    The peak-memory counter restarts here: the models are built (and the fp32 → bf16 copies made) by now, so
+    the peak is what running holds: weights, optimizer state, activations.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    warmup_runs = [elapsed(fn, device) for _ in range(warmup)]
+    runs = [elapsed(fn, device) for _ in range(repeats)]
+    median = statistics.median(runs)
+    return {"seconds": median, "spread": (max(runs) - min(runs)) / median, "runs": runs, "warmup_runs": warmup_runs}
+
+
+def count_host_syncs(fn: Callable[[], object]) -> int:
+    """Synchronizing CUDA calls (`.item()`, `if tensor:`, device→host copies) made by one call of `fn`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def kernel_table(fn: Callable[[], object], device: torch.device, calls: int = 3) -> str:
+    """Where the time of `calls` calls goes, by operator and kernel (torch.profiler), largest self time first."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+
+
+class Bench:
+    """Holds the seeded weights (on the CPU) and builds fresh models from them for every variant."""
+
+    def __init__(self, sizes: Sizes, device: torch.device, warmup: int, repeats: dict, peak_flops: float | None,
+                 profile: str | None = None):  # fmt: skip
+        self.sizes, self.device, self.warmup, self.repeats, self.peak_flops = sizes, device, warmup, repeats, peak_flops
+        self.profile = profile  # a text file that gets each timed variant's kernel table (parts b, c, d)
+        # bf16 as the issue measures it; fp32 on a CPU, whose bf16 convolutions are slower, not faster
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.tokenizer = build_clip_tokenizer()
+        self.text_config = CLIPTextConfig(
+            vocab_size=len(self.tokenizer), max_position_embeddings=self.tokenizer.model_max_length,
+            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, **sizes.text,
+        )  # fmt: skip
+        levels = len(sizes.vae["block_out_channels"])
+        self.vae_config = dict(sizes.vae, down_block_types=("DownEncoderBlock2D",) * levels,
+                               up_block_types=("UpDecoderBlock2D",) * levels)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.states = {
+                "unet": diffusers.UNet2DConditionModel(**sizes.unet).state_dict(),
+                "vae": AutoencoderKL(**self.vae_config).state_dict(),
+                "text_encoder": CLIPTextModel(self.text_config).state_dict(),
+            }
+        self.references: dict = {}  # (part, kind) → eager output, for the correctness columns
+        self.flops: dict = {}
+
+    def build(self, factory: Callable[[], torch.nn.Module], state: str, dtype: torch.dtype) -> torch.nn.Module:
+        """A module constructed on the device (fast init) holding the seeded weights, strictly loaded."""
+        with torch.device(self.device):
+            module = factory()
+        module.load_state_dict(self.states[state], strict=True)
+        return module.to(dtype=dtype)
+
+    def unet(self, kind: str, dtype: torch.dtype) -> torch.nn.Module:
+        return self.build(lambda: UNETS[kind](**self.sizes.unet), "unet", dtype)
+
+    def meta_flops(self, kind: str, batch: int, train: bool) -> int:
+        """FLOPs of one forward (or forward + backward) at `batch`, counted on meta tensors: no memory, no time."""
+        with torch.device("meta"):
+            unet = UNETS[kind](**self.sizes.unet)
+        inputs = make_inputs(self.sizes.unet, batch, "meta", torch.float32)
+        if train:
+            return count_flops(lambda: unet(*inputs, return_dict=False)[0].square().mean().backward())
+        with torch.no_grad():
+            return count_flops(unet, *inputs, return_dict=False)
+
+    def count(self, key: tuple[str, str], counter: Callable[[], int]) -> int:
+        if key not in self.flops:
+            self.flops[key] = counter()
+        return self.flops[key]
+
+    def profile_calls(self, part: str, kind: str, variant: Variant, call: Callable[[], object]) -> None:
+        if not self.profile:
+            return
+        try:
+            table = kernel_table(call, self.device)
+        except Exception as error:  # noqa: BLE001  (a profiler failure must not lose the variant's timings)
+            table = f"profiling failed: {type(error).__name__}: {error}"
+        with open(self.profile, "a") as handle:
+            handle.write(f"\n## {part} {kind}/{variant.name}\n{table}\n")
+
+    # ---- the parts: each returns its figures and the output that the correctness columns compare ----------
+
+    def training(self, kind: str, variant: Variant) -> tuple[dict, torch.Tensor]:
+        batch = self.sizes.train_batch
+        unet = prepare_unet(self.unet(kind, torch.float32).train(), variant)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+        sample, timestep, context = make_inputs(self.sizes.unet, batch, self.device, torch.float32)
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)).to(self.device)
+        losses = []
+
+        def step() -> None:
+            autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+            with autocast, attention_backend(variant.attention):
+                prediction = unet(sample, timestep, context, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), noise)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+
+        figures = time_runs(step, self.device, self.warmup, self.repeats["a"])
+        flops = self.count(("a", kind), lambda: self.meta_flops(kind, batch, train=True))
+        figures["samples_per_s"] = batch / figures["seconds"]
+        figures["tflops_per_s"] = flops / figures["seconds"] / 1e12
+        figures["mfu"] = figures["tflops_per_s"] * 1e12 / self.peak_flops if self.peak_flops else None
+        return figures, losses[0].float().cpu()[None]  # the first step's loss: same weights, same batch
+
+    def forward(self, kind: str, variant: Variant) -> tuple[dict, torch.Tensor]:
+        unet = prepare_unet(self.unet(kind, self.dtype).eval(), variant)
+        inputs = make_inputs(self.sizes.unet, 2, self.device, self.dtype)
+        outputs = []
+
+        def call() -> None:
+            with torch.no_grad(), attention_backend(variant.attention):
+                outputs[:] = [unet(*inputs, return_dict=False)[0]]
+
+        figures = time_runs(call, self.device, self.warmup, self.repeats["b"])
+        flops = self.count(("b", kind), lambda: self.meta_flops(kind, 2, train=False))
+        figures["tflops_per_s"] = flops / figures["seconds"] / 1e12
+        self.profile_calls("b", kind, variant, call)
+        return figures, outputs[0].float().cpu()
+
+    def pipeline(self, kind: str, variant: Variant, part: str) -> tuple[dict, torch.Tensor]:
+        dtype = self.dtype
+        components = dict(
+            vae=self.build(lambda: AutoencoderKL(**self.vae_config), "vae", dtype).eval(),
+            text_encoder=self.build(lambda: CLIPTextModel(self.text_config), "text_encoder", dtype).eval(),
+            tokenizer=self.tokenizer,
+            unet=prepare_unet(self.unet(kind, dtype).eval(), variant, compile_now=False),
+            scheduler=DDIMScheduler(**SD_SCHEDULE),
+        )
+        if kind == "ours":
+            pipe = LatentDiffusionPipeline(**components)
+        else:
+            pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)  # fmt: skip
+        if variant.compile_mode:
+            compile_pipeline(pipe, variant.compile_mode, vae=variant.compile_vae)
+        pipe.set_progress_bar_config(disable=True)
+        outputs = []
+
+        def call() -> None:
+            generator = torch.Generator(self.device).manual_seed(0)
+            with attention_backend(variant.attention):
+                images = pipe(PROMPT, height=self.sizes.image, width=self.sizes.image,
+                              num_inference_steps=self.sizes.steps, guidance_scale=GUIDANCE,
+                              num_images_per_prompt=self.sizes.images[part], generator=generator,
+                              output_type="pt").images  # fmt: skip
+            outputs[:] = [images]
+
+        figures = time_runs(call, self.device, self.warmup, self.repeats[part])
+        if self.device.type == "cuda":
+            figures["host_syncs"] = count_host_syncs(call)
+        self.profile_calls(part, kind, variant, call)
+        return figures, outputs[0].float().cpu()
+
+    def run(self, part: str, kind: str, variant: Variant) -> dict:
+        """One variant's figures; an error (OOM, graph break, missing lever) is recorded, not raised."""
+        _release(self.device)
+        torch._dynamo.reset()  # a fresh compile cache: recompiles of earlier variants do not count against this one
+        try:
+            if part == "a":
+                figures, output = self.training(kind, variant)
+            elif part == "b":
+                figures, output = self.forward(kind, variant)
+            else:
+                figures, output = self.pipeline(kind, variant, part)
+        except Exception as error:  # noqa: BLE001  (the next variant still runs within the device call)
+            return {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+        figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
+        if variant.name == "eager":
+            self.references[(part, kind)] = output
+        if (part, "diffusers") in self.references and (kind, variant.name) != ("diffusers", "eager"):
+            figures["err_vs_diffusers_eager"] = relative_error(output, self.references[(part, "diffusers")])
+        if kind == "ours" and variant.name != "eager" and (part, "ours") in self.references:
+            figures["err_vs_eager"] = relative_error(output, self.references[(part, "ours")])
+        return figures
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- reporting -------------------------------------------------------------------------------------------------
+
+FIGURE_NAMES = {
+    "a": "training step, bf16 autocast, fused AdamW",
+    "b": "UNet forward, bf16, batch 2",
+    "c": "DDIM + CFG end to end, 1 image",
+    "d": "DDIM + CFG end to end, 8 images",
+}
+
+
+def describe(part: str, figures: dict) -> str:
+    """One result as the issue's table writes it: '89.8 samples/s, 216 TFLOP/s, MFU 21.9%, 49.0 GiB'."""
+    if "error" in figures:
+        return f"error: {figures['error']}"
+    if part == "a":
+        text = f"{figures['samples_per_s']:.1f} samples/s, {figures['tflops_per_s']:.3g} TFLOP/s"
+        text += f", MFU {figures['mfu']:.1%}" if figures.get("mfu") is not None else ""
+    elif part == "b":
+        text = f"{figures['seconds'] * 1e3:.2f} ms, {figures['tflops_per_s']:.3g} TFLOP/s"
+    else:
+        text = f"{figures['seconds']:.3f} s"
+        text += f", {figures['host_syncs']} host syncs" if "host_syncs" in figures else ""
+    text += f" (±{figures['spread'] / 2:.0%})" if figures["spread"] >= 0.02 else ""
+    text += f", {figures['peak_gib']:.1f} GiB" if figures.get("peak_gib") is not None else ""
+    errors = [f"{k[4:]} {figures[k]:.1e}" for k in ("err_vs_diffusers_eager", "err_vs_eager") if k in figures]
+    return text + (f"; rel. err. {', '.join(errors)}" if errors else "")
+
+
+def ratios(results: dict) -> dict:
+    """Per part and variant: speed-up over diffusers (its eager run and the same variant) and the peak ratio."""
+    table = {}
+    for part, rows in results.items():
+        base = rows.get("diffusers/eager", {})
+        for name, figures in rows.items():
+            if "error" in figures or "seconds" not in base or name == "diffusers/eager":
+                continue
+            same = rows.get("diffusers/" + name.split("/", 1)[1], {})
+            entry = {"speedup_vs_diffusers_eager": base["seconds"] / figures["seconds"],
+                     "time_ratio_vs_diffusers_eager": figures["seconds"] / base["seconds"]}  # fmt: skip
+            if name.startswith("ours/") and not name.endswith("/eager") and "seconds" in same:
+                entry["speedup_vs_diffusers_same_variant"] = same["seconds"] / figures["seconds"]
+            if figures.get("peak_gib") and base.get("peak_gib"):
+                entry["peak_ratio_vs_diffusers_eager"] = figures["peak_gib"] / base["peak_gib"]
+            table.setdefault(part, {})[name] = entry
+    return table
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| figure | model / variant | measured | speed-up vs diffusers eager (same variant) | peak vs diffusers |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    speedups = ratios(results)
+    for part in PARTS:
+        for name, figures in results.get(part, {}).items():
+            entry = speedups.get(part, {}).get(name, {})
+            speedup = f"×{entry['speedup_vs_diffusers_eager']:.2f}" if entry else ""
+            if "speedup_vs_diffusers_same_variant" in entry:
+                speedup += f" (×{entry['speedup_vs_diffusers_same_variant']:.2f})"
+            peak = f"×{entry['peak_ratio_vs_diffusers_eager']:.2f}" if "peak_ratio_vs_diffusers_eager" in entry else ""
+            lines.append(f"| {part}: {FIGURE_NAMES[part]} | {name} | {describe(part, figures)} | {speedup} | {peak} |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, report: dict) -> None:
+    """Atomically: a reader (or a run killed mid-write) never sees half a file."""
+    temporary = Path(path).with_suffix(".tmp")
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, path)
+
+
+def choose_variants(only: str, diffusers_names: str | None, ours_names: str | None, cuda: bool) -> dict:
+    """{part: {"diffusers": [Variant], "ours": [Variant]}} from the command line, or each part's defaults."""
+    parts = [p.strip() for p in only.split(",") if p.strip()]
+    if not parts or any(p not in PARTS for p in parts):
+        raise ValueError(f"--only {only!r}: choose among {', '.join(PARTS)}, comma-separated.")
+    chosen = {}
+    for part in parts:
+        defaults = DEFAULT_VARIANTS[part] if cuda else CPU_VARIANTS
+        names = {"diffusers": diffusers_names, "ours": ours_names}
+        chosen[part] = {
+            kind: [parse_variant(n.strip(), part) for n in (names[kind].split(",") if names[kind] else defaults[kind])]
+            for kind in ("diffusers", "ours")
+        }
+    return chosen
+
+
+def benchmark(args: argparse.Namespace, device: torch.device, variants: dict, argv: list[str]) -> dict:
+    """Run every chosen variant of every part, printing each result as it comes; returns the results."""
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_bf16_flops(name) if cuda else None)
+    repeats = {p: args.repeats or (dict(a=10, b=50, c=5, d=3)[p] if cuda else 2) for p in PARTS}
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)  # compile-cg records on the 2nd call
+    bench = Bench(TINY if args.tiny else SD15, device, warmup, repeats, peak, args.profile)
+    meta = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "latentdiff": latentdiff.__version__, "sizes": "tiny" if args.tiny else "sd15",
+            "peak_bf16_tflops": peak / 1e12 if peak else None,
+            "argv": argv}  # fmt: skip
+    print("gpu benchmark: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k != "argv"), flush=True)
+    results: dict = {}
+    for part, kinds in variants.items():
+        # diffusers' eager run first (every variant's reference), then ours, then diffusers' others: a call stopped
+        # at the device's time limit has lost the least interesting figures
+        reference = [("diffusers", v) for v in kinds["diffusers"] if v.name == "eager"]
+        others = [("diffusers", v) for v in kinds["diffusers"] if v.name != "eager"]
+        for kind, variant in reference + [("ours", v) for v in kinds["ours"]] + others:
+            figures = bench.run(part, kind, variant)
+            results.setdefault(part, {})[f"{kind}/{variant.name}"] = figures
+            print(f"{part} {kind}/{variant.name}: {describe(part, figures)}", flush=True)
+            if args.json:  # after every variant: a run stopped at the device's time limit keeps what it measured
+                flops = {f"{p}/{k}": value for (p, k), value in bench.flops.items()}
+                write_json(args.json, {"meta": meta, "flops": flops, "results": results, "ratios": ratios(results)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (with --tiny: a check)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models and few steps instead of SD-1.5")
+    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts among a,b,c,d")
+    parser.add_argument("--ours", default=None, help="comma-separated variants of ours for every part run")
+    parser.add_argument("--diffusers", default=None, help="comma-separated variants of diffusers' for every part")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default 3 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default per part)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
+    parser.add_argument("--json", default=None, help="write every figure to this file")
+    parser.add_argument("--profile", default=None, help="append each variant's kernel table (parts b-d) to this file")
+    parser.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print saved results as markdown")
+    args = parser.parse_args(argv)
+
+    if args.table:
+        results: dict = {}
+        for path in args.table:
+            for part, rows in json.loads(Path(path).read_text())["results"].items():
+                results.setdefault(part, {}).update(rows)
+        print(markdown_table(results))
+        return 0
+    device = torch.device(args.device)
+    variants = choose_variants(args.only, args.diffusers, args.ours, cuda=device.type == "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA GPU and none is visible here: no figures. "
+              "To check the script on this machine: python benchmarks/gpu.py --device cpu --tiny")  # fmt: skip
+        return 0
+
+    verbosity = diffusers.utils.logging.get_verbosity()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lru_cache")  # dynamo tracing diffusers' is_torch_version
+        diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every .to()
+        try:
+            results = benchmark(args, device, variants, sys.argv[1:] if argv is None else argv)
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""benchmarks/gpu.py and latentdiff.acceleration without a GPU: the no-CUDA exit, every figure computed on a tiny
+CPU run, FLOP counting, and compile-readiness of our UNet (one graph, same numbers, no recompiles per timestep)."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from conftest import UNET_CONFIGS, unet_inputs
+from torch import nn
+
+from latentdiff import UNet2DConditionModel
+from latentdiff.acceleration import attention_backend, compile_unet, count_flops, peak_bf16_flops
+
+GPU_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+CPU_VARIANT = "channels-last+math"  # the levers that run on a CPU in seconds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: a second thread only adds spin-waiting on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", GPU_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(gpu, tmp_path_factory):
+    """One tiny CPU run of every part: (saved report, printed text)."""
+    folder = tmp_path_factory.mktemp("gpu")
+    path = folder / "tiny.json"
+    argv = ["--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "0", "--peak-tflops", "1",
+            "--ours", f"eager,{CPU_VARIANT}", "--json", str(path)]  # fmt: skip
+    printed, verbosity = io.StringIO(), diffusers.utils.logging.get_verbosity()
+    with contextlib.redirect_stdout(printed):
+        assert gpu.main(argv) == 0
+    assert diffusers.utils.logging.get_verbosity() == verbosity  # later tests still see diffusers' warnings
+    return json.loads(path.read_text()), printed.getvalue(), path
+
+
+def test_without_cuda_the_script_says_so_and_exits_zero(tmp_path):
+    out = tmp_path / "figures.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [sys.executable, str(GPU_SCRIPT), "--json", str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "needs a CUDA GPU" in done.stdout and "--device cpu --tiny" in done.stdout
+    assert "samples/s" not in done.stdout and not out.exists()
+
+
+def test_tiny_cpu_run_computes_every_figure(gpu, tiny_run):
+    report, printed, _ = tiny_run
+    results, flops = report["results"], report["flops"]
+    names = {"diffusers/eager", "ours/eager", f"ours/{CPU_VARIANT}"}
+    assert set(results) == set(gpu.PARTS) and all(set(rows) == names for rows in results.values())
+    for part, rows in results.items():
+        for name, figures in rows.items():
+            assert "error" not in figures, (part, name, figures)
+            assert figures["seconds"] > 0 and figures["runs"] == [figures["seconds"]]
+        # same weights, same inputs, fp32 on the CPU: ours reproduces diffusers, channels-last changes nothing
+        assert rows["ours/eager"]["err_vs_diffusers_eager"] < 1e-4
+        assert rows[f"ours/{CPU_VARIANT}"]["err_vs_eager"] < 1e-4
+        base = rows["diffusers/eager"]["seconds"]
+        assert report["ratios"][part]["ours/eager"]["speedup_vs_diffusers_eager"] == pytest.approx(
+            base / rows["ours/eager"]["seconds"]
+        )
+    training = results["a"]["ours/eager"]
+    assert flops["a/ours"] == flops["a/diffusers"] > 0
+    assert training["samples_per_s"] == pytest.approx(gpu.TINY.train_batch / training["seconds"])
+    assert training["tflops_per_s"] == pytest.approx(flops["a/ours"] / training["seconds"] / 1e12)
+    assert training["mfu"] == pytest.approx(training["tflops_per_s"])  # --peak-tflops 1
+    forward = results["b"]["ours/eager"]
+    assert forward["tflops_per_s"] == pytest.approx(flops["b/ours"] / forward["seconds"] / 1e12)
+    assert "| b: UNet forward, bf16, batch 2 | ours/eager |" in printed
+
+
+def test_table_reprints_saved_results(gpu, tiny_run, capsys):
+    report, printed, path = tiny_run
+    assert gpu.main(["--table", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == gpu.markdown_table(report["results"]).strip()
+    assert gpu.markdown_table(report["results"]) in printed
+
+
+def test_profile_appends_one_kernel_table_per_variant(gpu, tmp_path):
+    """The profiler's table of a call (on the CPU here: the profiler costs ms per operator, so one convolution)."""
+    bench = gpu.Bench.__new__(gpu.Bench)  # only the profile file and the device are needed
+    bench.profile, bench.device = str(tmp_path / "kernels.txt"), torch.device("cpu")
+    conv, image = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    for name in ("eager", "compile"):
+        bench.profile_calls("b", "ours", gpu.Variant(name), lambda: conv(image))
+    text = (tmp_path / "kernels.txt").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == ["## b ours/eager", "## b ours/compile"]
+    assert text.count("aten::convolution ") == 2
+
+
+def test_variants_parse_and_bad_ones_are_named(gpu):
+    variant = gpu.parse_variant("compile-cg+channels-last+cudnn", "b")
+    assert (variant.compile_mode, variant.attention, variant.channels_last) == ("reduce-overhead", "cudnn", True)
+    assert gpu.parse_variant("eager", "a") == gpu.Variant("eager")
+    with pytest.raises(ValueError, match="turbo"):
+        gpu.parse_variant("compile+turbo", "b")
+    with pytest.raises(ValueError, match="more than one"):
+        gpu.parse_variant("compile+compile-max", "b")
+    with pytest.raises(ValueError, match="compile-vae"):
+        gpu.parse_variant("compile+compile-vae", "b")
+    with pytest.raises(ValueError, match="compile-vae"):
+        gpu.parse_variant("compile-vae", "c")
+    with pytest.raises(ValueError, match="--only"):
+        gpu.choose_variants("a,e", None, None, cuda=True)
+
+
+def test_count_flops_counts_products_at_two_per_multiply_add():
+    assert count_flops(nn.Linear(8, 16), torch.randn(4, 8)) == 2 * 4 * 8 * 16
+    conv = nn.Conv2d(3, 5, 3)  # 7×7 → 5×5
+    assert count_flops(conv, torch.randn(2, 3, 7, 7)) == 2 * 2 * 5 * 5 * 5 * 3 * 9
+
+
+def test_sd15_flops_on_meta_match_between_models_and_the_issue(gpu):
+    """Counted without memory on `meta`: ours does diffusers' arithmetic, ≈ 1.6 TFLOP per CFG forward (issue 8)."""
+    bench = gpu.Bench.__new__(gpu.Bench)  # only the sizes are needed, not the seeded weights
+    bench.sizes = gpu.SD15
+    forward = {kind: bench.meta_flops(kind, 2, train=False) for kind in gpu.UNETS}
+    assert forward["ours"] == forward["diffusers"]
+    assert 1.55e12 < forward["ours"] < 1.65e12
+    train = bench.meta_flops("ours", 2, train=True)
+    assert 2 * forward["ours"] < train <= 3 * forward["ours"]  # backward ≈ 2× forward, less the inputs' grads
+
+
+def test_peak_flops_by_device_name():
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == pytest.approx(756e12)
+    assert peak_bf16_flops("NVIDIA H200") == pytest.approx(989.4e12)
+    assert peak_bf16_flops("Some GPU") is None
+
+
+def test_compile_and_attention_options_are_checked():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="turbo"):
+        compile_unet(model, mode="turbo")
+    with pytest.raises(ValueError, match="inductor"):
+        compile_unet(model, mode="reduce-overhead", backend="aot_eager")
+    with pytest.raises(ValueError, match="flashy"):
+        with attention_backend("flashy"):
+            pass
+
+
+def _ours(config: dict) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config)
+
+
+def test_compiled_unet_is_one_graph_with_eager_numbers_and_keys():
+    """fullgraph=True through AOTAutograd (forward and backward traced); inductor's codegen is for the GPU run."""
+    config = UNET_CONFIGS["sd2"]
+    eager, compiled = _ours(config), compile_unet(_ours(config), backend="aot_eager")
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # in place: no `_orig_mod.` prefix
+    inputs = unet_inputs(config)
+    torch._dynamo.reset()
+    for model in (eager, compiled):
+        model(**inputs).sample.square().mean().backward()
+    assert torch.allclose(compiled(**inputs).sample, eager(**inputs).sample, atol=1e-5)
+    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p_compiled.grad, p_eager.grad, atol=1e-5), name
+
+
+def test_new_timestep_values_do_not_recompile():
+    """A sampling loop feeds a new timestep every step: as a tensor it is an input, not a constant of the graph."""
+    config = UNET_CONFIGS["sd1"]
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    model = compile_unet(_ours(config).eval(), backend=counting_backend)
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        for t in (999, 500, 1):
+            model(inputs["sample"], torch.tensor(t), inputs["encoder_hidden_states"])
+    assert len(graphs) == 1
