@@ -25,6 +25,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp's folders are private (0700); the result is an ordinary folder
     try:
         yield tmp
         if target.exists():

@@ -1,0 +1,151 @@
+"""The embedded demo end to end at a micro size (fake npm layout, tiny base), and its quality figure."""
+
+import json
+import time
+
+import pytest
+import torch
+from fake_emoji import make_fake_package
+from PIL import Image
+from safetensors import safe_open
+
+from latentdiff import quality
+from latentdiff.base import REBUILD_COMMAND, BaseConfig
+from latentdiff.demo import DemoConfig, run_demo
+from latentdiff.vae_training import VAETrainConfig
+
+MICRO_BASE = BaseConfig(
+    vae=VAETrainConfig(block_out_channels=(8, 8, 8), steps=2, batch_size=4, warmup_steps=1),
+    text_hidden_size=8,
+    unet=dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        norm_num_groups=8,
+    ),
+    unet_steps=2,
+    batch_size=2,
+    lr_warmup_steps=0,
+    checkpointing_steps=2,
+)
+MICRO = DemoConfig(
+    train_steps=2,
+    batch_size=2,
+    lr_warmup_steps=0,
+    inference_steps=2,
+    quality_prompts=2,
+    seen_prompts=("red apple, fruit emoji", "father christmas, dark skin tone, person fantasy emoji"),
+    heldout_prompts=("secret flag, country flag emoji",),
+    base=MICRO_BASE,
+)
+
+
+@pytest.fixture
+def demo_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path / "cache"))
+    return dict(base_dir=tmp_path / "base", data_root=tmp_path / "data", package=make_fake_package(tmp_path / "pkg"))
+
+
+def test_demo_end_to_end_micro(tmp_path, demo_paths):
+    from diffusers import StableDiffusionPipeline
+
+    result = run_demo(MICRO, tmp_path / "out", rebuild_base=True, **demo_paths)
+
+    # The base: an fp16 pipeline folder with its build record and the command that rebuilds it.
+    base = demo_paths["base_dir"]
+    info = json.loads((base / "build_info.json").read_text())
+    assert info["unet"]["steps"] == 2 and info["vae"]["steps"] == 2 and info["vae"]["psnr_db"] > 0
+    assert REBUILD_COMMAND in (base / "README.md").read_text()
+    with safe_open(base / "unet" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
+
+    # The fine-tuned model opens in plain diffusers, with the micro base's architecture.
+    pipe = StableDiffusionPipeline.from_pretrained(result.model_dir)
+    assert tuple(pipe.unet.config.block_out_channels) == (8, 16)
+    assert pipe.text_encoder.dtype == torch.float32 and pipe.text_encoder.config.hidden_size == 8
+
+    # The grid: 2 sections (seen, held out), as wide as the 2 seen prompts.
+    with Image.open(result.grid_path) as grid:
+        assert grid.mode == "RGB" and grid.width > 2 * 96 and grid.height > 2 * 2 * 96
+    saved = json.loads(result.results_path.read_text())
+    assert saved["seen"]["count"] == 2 and saved["heldout"]["count"] == 1
+    for rates in (saved["seen"], saved["heldout"], saved["heldout_ceiling"]):
+        assert all(0 <= rates[k] <= 1 for k in ("name", "subcategory", "chance_name", "chance_subcategory"))
+    assert saved["vae_psnr_db"] == result.vae_psnr_db > 0
+    assert set(result.seconds) == {"data", "base", "fine-tune", "grid", "quality", "total"}
+    assert "latentdiff generate --model" in result.summary()
+
+    # A second run reuses data, base and fine-tuned model: nothing is trained again.
+    weights = result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    start = time.perf_counter()
+    again = run_demo(MICRO, tmp_path / "out", **demo_paths)
+    assert weights.stat().st_mtime_ns == mtime
+    assert again.seconds["fine-tune"] < 1.0 and time.perf_counter() - start < result.seconds["total"]
+
+
+def test_demo_rejects_prompts_from_the_wrong_split(tmp_path, demo_paths):
+    wrong = DemoConfig(seen_prompts=("secret flag, country flag emoji",), base=MICRO_BASE)
+    with pytest.raises(ValueError, match="secret flag.*not captions of .*train"):
+        run_demo(wrong, tmp_path / "out", **demo_paths)
+    with pytest.raises(ValueError, match="Unknown demo preset 'tpu'"):
+        run_demo("tpu", tmp_path / "out", **demo_paths)
+
+
+def test_missing_base_says_how_to_build_it(tmp_path, demo_paths):
+    with pytest.raises(FileNotFoundError, match="latentdiff demo --rebuild-base"):
+        run_demo(MICRO, tmp_path / "out", **demo_paths)
+
+
+# The quality figure on known cases.
+
+
+def color_images(count: int, seed: int = 0) -> torch.Tensor:
+    """Distinct flat-coloured images in [-1, 1]."""
+    colors = torch.rand(count, 3, 1, 1, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return colors.expand(count, 3, 32, 32).clone()
+
+
+RECORDS = [dict(name=f"emoji {i}", subcategory=f"group {i % 3}") for i in range(12)]
+
+
+def test_quality_perfect_model_beats_chance():
+    images = color_images(12)
+    rates = quality.prompt_following(images + 0.01, RECORDS, images, RECORDS)
+    assert rates.name == rates.subcategory == 1.0 and rates.count == 12
+    assert rates.chance_name < 0.2 and rates.chance_subcategory < 0.5  # ≈ 1/12 and ≈ 1/3
+
+
+def test_quality_prompt_blind_model_scores_chance():
+    images = color_images(12)
+    same_picture = images[:1].expand(12, 3, 32, 32)  # whatever the prompt, the picture of emoji 0
+    rates = quality.prompt_following(same_picture, RECORDS, images, RECORDS)
+    assert rates.name == pytest.approx(1 / 12) and rates.chance_name == pytest.approx(1 / 12)
+    assert rates.subcategory == pytest.approx(1 / 3) and rates.chance_subcategory == pytest.approx(1 / 3)
+
+
+def test_quality_features_and_errors():
+    assert quality.features(torch.zeros(2, 3, 64, 64)).shape == (2, 3 * 16 * 16)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        quality.features(torch.zeros(2, 32, 32))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        quality.match_rates(RECORDS[:2], RECORDS[:3])
+
+
+def test_committed_base_opens_in_plain_diffusers(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from latentdiff.base import default_base_dir, load_base
+
+    monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path))
+    info = json.loads((default_base_dir() / "build_info.json").read_text())
+    fp32 = load_base()
+    assert fp32.parent == tmp_path and load_base() == fp32  # made once per version of the weights
+    pipe = StableDiffusionPipeline.from_pretrained(fp32)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == info["config"]["text_hidden_size"]
+    assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 32
+    image = pipe("red apple, fruit emoji", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)

@@ -1,0 +1,106 @@
+"""The emoji data set: conversion of a small fake npm package layout into imagefolder + metadata.jsonl."""
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from fake_emoji import make_fake_package
+from PIL import Image
+
+from latentdiff import emoji
+
+
+@pytest.fixture
+def fake_package(tmp_path):
+    return make_fake_package(tmp_path / "package")
+
+
+def read_metadata(folder):
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_captions_read_like_the_emoji():
+    assert emoji.caption("RED APPLE", "food-fruit") == "red apple, fruit emoji"
+    assert emoji.caption("GRINNING FACE", "face-smiling") == "grinning face, face smiling emoji"
+    assert emoji.skin_tone_words("1F3FB-1F3FE") == "light and medium-dark skin tone"
+    assert emoji.skin_tone_words("1F3FD-1F3FD") == "medium skin tone"
+    with pytest.raises(ValueError, match="1F600"):
+        emoji.skin_tone_words("1F600")
+
+
+def test_heldout_is_a_fixed_five_percent():
+    codes = [f"1F{i:03X}" for i in range(0x300, 0xFFF)]
+    share = sum(map(emoji.is_heldout, codes)) / len(codes)
+    assert 0.03 < share < 0.07
+    assert [emoji.is_heldout(c) for c in codes[:50]] == [emoji.is_heldout(c.lower()) for c in codes[:50]]
+
+
+def test_convert_writes_imagefolder_with_captions(fake_package, tmp_path, caplog):
+    data = emoji.convert_package(fake_package, tmp_path / "emoji")
+
+    # apple + santa with 2 of its 3 variants in train; the hashed-out flag in test; 2 records without image.
+    assert (data.num_train, data.num_heldout, data.num_missing) == (4, 1, 2)
+    assert "2 emoji records have no image" in caplog.text
+    train = read_metadata(data.train_dir)
+    assert [r["text"] for r in train] == [
+        "red apple, fruit emoji",
+        "father christmas, person fantasy emoji",
+        "father christmas, dark skin tone, person fantasy emoji",
+        "father christmas, light and medium-dark skin tone, person fantasy emoji",
+    ]
+    assert train[2]["skin_tone"] == "dark skin tone" and train[2]["subcategory"] == "person-fantasy"
+    test = read_metadata(data.test_dir)
+    assert [r["text"] for r in test] == ["secret flag, country flag emoji"]
+    assert not {r["text"] for r in test} & {r["text"] for r in train}
+    # Every listed file exists in its own split, and nothing else does.
+    for split, rows in ((data.train_dir, train), (data.test_dir, test)):
+        assert sorted(p.name for p in split.glob("*.png")) == sorted(r["file_name"] for r in rows)
+
+
+def test_images_are_rgb_on_white(fake_package, tmp_path):
+    data = emoji.convert_package(fake_package, tmp_path / "emoji")
+    apple = read_metadata(data.train_dir)[0]["file_name"]
+    with Image.open(data.train_dir / apple) as image:
+        assert image.mode == "RGB" and image.size == (64, 64)
+        pixels = np.asarray(image).astype(int)
+    assert (pixels[0, 0] == 255).all()  # transparent → white
+    np.testing.assert_allclose(pixels[32, 32], [228, 128, 128], atol=1)  # (200, 0, 0) at alpha 128 over white
+
+
+def test_prepare_reuses_the_converted_data_set(fake_package, tmp_path, monkeypatch):
+    root = tmp_path / "emoji"
+    first = emoji.prepare_emoji_dataset(root, package=fake_package)
+    # Second call: no package, no npm; it must come from the cache without touching anything.
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    mtime = (root / "train" / "metadata.jsonl").stat().st_mtime_ns
+    again = emoji.prepare_emoji_dataset(root)
+    assert (again.num_train, again.num_heldout, again.num_missing) == (first.num_train, 1, 2)
+    assert (root / "train" / "metadata.jsonl").stat().st_mtime_ns == mtime
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_missing_npm_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path))
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install npm"):
+        emoji.prepare_emoji_dataset()
+    assert not (tmp_path / f"emoji-google-{emoji.VERSION}").exists()
+
+
+def test_unpack_takes_only_the_data_and_refuses_escaping_paths(fake_package, tmp_path):
+    tarball = tmp_path / "pkg.tgz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(fake_package, arcname="package")
+        archive.add(fake_package / "emoji.json", arcname="package/img/google/sheets/big.png")
+    package = emoji.unpack_package(tarball, tmp_path / "unpacked")
+    assert (package / "emoji.json").read_text() == (fake_package / "emoji.json").read_text()
+    assert len(list((package / emoji.IMAGE_DIR).glob("*.png"))) == 5
+    assert not (package / "img" / "google" / "sheets").exists()
+
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(evil, "w:gz") as archive:
+        archive.add(fake_package / "emoji.json", arcname="package/../../escaped.json")
+    with pytest.raises(ValueError, match="outside the target"):
+        emoji.unpack_package(evil, tmp_path / "evil")
+    assert not (tmp_path.parent / "escaped.json").exists() and not (tmp_path / "evil").exists()
