@@ -91,6 +91,7 @@ def save_png(image: Image.Image, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); an output image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
