@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.utils import logging
+from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
 from .activations import get_activation
@@ -64,7 +66,7 @@ def _unsupported(key: str, value: Any, supported: Any) -> ValueError:
     )
 
 
-class UNet2DConditionModel(ModelMixin, ConfigMixin):
+class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""A conditional UNet that predicts the noise (or velocity) in a noisy latent, given a timestep and text.
 
     Args:
@@ -95,6 +97,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         projection_class_embeddings_input_dim (`int`, *optional*): Class conditioning added to the time embedding.
         conv_in_kernel / conv_out_kernel (`int`, defaults to 3).
         time_cond_proj_dim (`None`): Present because diffusers' pipelines read it; only `None` is supported.
+
+    LoRA: diffusers' adapter API (`PeftAdapterMixin`: `add_adapter`, `set_adapters`, `disable_adapters`, …) works
+    on the attention projections, which carry diffusers' names, and `cross_attention_kwargs={"scale": s}` scales the
+    adapters for one call, as in diffusers.
     """
 
     _supports_gradient_checkpointing = True
@@ -288,6 +294,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             emb = emb + self.class_embedding(class_labels).to(sample.dtype)
         return emb
 
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         sample: torch.Tensor,
@@ -313,14 +320,15 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             attention_mask / encoder_attention_mask (`torch.Tensor`, *optional*): `(B, L)` with 1 = keep,
                 0 = discard, for self- and cross-attention keys.
             down_block_additional_residuals / mid_block_additional_residual (*optional*): ControlNet residuals.
-            timestep_cond, cross_attention_kwargs, added_cond_kwargs: Accepted so diffusers' pipelines can
-                call us; they must be `None`/empty (we have no LCM or SDXL conditioning).
+            cross_attention_kwargs (`dict`, *optional*): Only `{"scale": s}`, the LoRA scale for this call.
+            timestep_cond, added_cond_kwargs: Accepted so diffusers' pipelines can call us; they must be `None`
+                (we have no LCM or SDXL conditioning).
             return_dict (`bool`, defaults to `True`): `UNet2DConditionOutput` or a 1-tuple.
         """
         if timestep_cond is not None or added_cond_kwargs or cross_attention_kwargs:
             raise ValueError(
-                "timestep_cond, added_cond_kwargs and cross_attention_kwargs are not supported by this UNet "
-                "(SD-1.x/2.x style); pass None."
+                "timestep_cond, added_cond_kwargs and cross_attention_kwargs other than the LoRA 'scale' are not "
+                "supported by this UNet (SD-1.x/2.x style); pass None."
             )
         # Latent sizes that are not a multiple of 2^(number of upsamplers) need explicit upsample sizes.
         up_factor = 2**self.num_upsamplers
