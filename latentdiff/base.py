@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from .cache import atomic_dir, cache_dir
+from .atomic import atomic_dir
+from .cache import cache_dir
 from .emoji import EmojiDataset, load_images
 from .pipelines import LatentDiffusionPipeline
 from .tiny import tiny_components

@@ -14,7 +14,6 @@
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .atomic import atomic_write_text
 from .base import BaseConfig, build_base, load_base
 from .emoji import EmojiDataset, load_images, prepare_emoji_dataset, read_split
 from .figures import labelled_grid
@@ -181,9 +181,7 @@ def run_demo(
                         rates["heldout"], rates["heldout_ceiling"], round(psnr, 2), seconds, command)  # fmt: skip
     payload = {k: v for k, v in dataclasses.asdict(result).items() if not isinstance(v, Path)}
     payload["preset"] = preset if isinstance(preset, str) else "custom"
-    tmp = result.results_path.with_name(f".{result.results_path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, result.results_path)
+    atomic_write_text(result.results_path, json.dumps(payload, indent=1))
     return result
 
 

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cache import atomic_dir, cache_dir
+from .atomic import atomic_dir
+from .cache import cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from huggingface_hub import HfApi
 
+from .atomic import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 # Never uploaded: training checkpoints (resumable state, large) and the leftovers of interrupted writes.
@@ -95,11 +97,7 @@ def model_card(
 
 def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:
     """Write `text` to `output_dir/README.md` atomically."""
-    path = Path(output_dir) / "README.md"
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(output_dir) / "README.md", text)
 
 
 def create_hub_repo(repo_id: str, token: str | None = None) -> str:

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..atomic import replace_folder
 from ..models import UNet2DConditionModel
 from .ema import EMAModel
 
@@ -136,14 +137,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():  # e.g. resumed from an older checkpoint: the new state replaces the stale one
-            stale = output_dir / f".old-{final.name}"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, final)
+        replace_folder(tmp, final)  # after a resume from an older checkpoint, the new state replaces the stale one
         logger.info(f"Saved training state to {final}")
         if total_limit is not None:
             rotate_checkpoints(output_dir, total_limit, keep, newest=final)

@@ -11,7 +11,6 @@ uninterrupted run would have (same batches, crops, noise, timesteps: same weight
 import contextlib
 import json
 import math
-import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..components import load_components, resolve_model_folder
 from ..data import (
     EpochShuffler,
@@ -278,9 +278,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
         )
         final.save_pretrained(output_dir)
-        options = output_dir / ".tmp-training_config.json"  # written whole, then renamed: never half a file
-        options.write_text(json.dumps(config.to_dict(), indent=2))
-        os.replace(options, output_dir / "training_config.json")
+        atomic_write_text(output_dir / "training_config.json", json.dumps(config.to_dict(), indent=2))
         images = []
         if config.validation_prompts:
             paths = _validate(final.to(accelerator.device), None, config, seed, global_step, accelerator)

@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
-from ..cache import atomic_dir
+from ..atomic import atomic_dir
 from ..pipelines import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
