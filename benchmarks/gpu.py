@@ -123,9 +123,7 @@ def parse_variant(name: str, part: str) -> Variant:
 
 
 def prepare_unet(unet: torch.nn.Module, variant: Variant, compile_now: bool = True) -> torch.nn.Module:
-    if variant.fuse_qkv:
-        if not hasattr(unet, "fuse_qkv_projections"):
-            raise ValueError(f"{type(unet).__module__}.UNet2DConditionModel has no fuse_qkv_projections().")
+    if variant.fuse_qkv:  # both UNets have it; ours keeps diffusers' state-dict keys (to_q/k/v are views)
         unet.fuse_qkv_projections()
     if variant.channels_last:
         unet.to(memory_format=torch.channels_last)

@@ -5,6 +5,7 @@ ratios ours/diffusers (below 1.0 means ours is faster / smaller).
 
     python benchmarks/unet.py                 # CPU: a small SD-1-like config
     python benchmarks/unet.py --config sd15   # the SD-1.5 UNet (860M parameters), meant for a GPU
+    python benchmarks/unet.py --fuse-qkv      # ours with fused QKV projections against ours without
     python benchmarks/unet.py --json out.json
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on CPU it is the growth of the resident set
@@ -40,15 +41,18 @@ TEXT_TOKENS = 77
 
 
 def build(kind: str, config: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """diffusers' UNet with seeded weights, or ours holding exactly those weights."""
+    """diffusers' UNet with seeded weights, or ours holding exactly those weights ("ours+fuse-qkv": fused)."""
     torch.manual_seed(0)
     model = diffusers.UNet2DConditionModel(**config)
-    if kind == "ours":
+    if kind.startswith("ours"):
         reference, model = model, UNet2DConditionModel(**config)
         model.load_state_dict(reference.state_dict(), strict=True)
         del reference
     model = model.to(device)
-    return model if dtype == torch.float32 else model.to(dtype)
+    model = model if dtype == torch.float32 else model.to(dtype)
+    if kind == "ours+fuse-qkv":
+        model.fuse_qkv_projections()
+    return model
 
 
 def make_inputs(config: dict, batch: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -138,6 +142,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 2 (one CFG image) for sd15, 8 for small")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model and mode")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--fuse-qkv", action="store_true", help="compare ours fused (fuse_qkv_projections) with ours")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -148,26 +153,28 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     repeats = args.repeats or (20 if device == "cuda" else 7)
 
-    models = {kind: build(kind, config, device, dtype) for kind in ("ours", "diffusers")}
-    ours_state, reference_state = models["ours"].state_dict(), models["diffusers"].state_dict()
-    if any(not torch.equal(ours_state[k], reference_state[k]) for k in reference_state):
+    first, second = ("ours+fuse-qkv", "ours") if args.fuse_qkv else ("ours", "diffusers")
+    models = {kind: build(kind, config, device, dtype) for kind in (first, second)}
+    first_state, second_state = models[first].state_dict(), models[second].state_dict()
+    if any(not torch.equal(first_state[k], second_state[k]) for k in second_state):
         raise RuntimeError("The two UNets did not get the same weights; the comparison would be meaningless.")
     inputs = make_inputs(config, batch, device, dtype)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "config": config_name,
-               "batch": batch, "dtype": str(dtype), "torch": torch.__version__, "diffusers": diffusers.__version__}
+               "batch": batch, "dtype": str(dtype), "torch": torch.__version__, "diffusers": diffusers.__version__,
+               "models": [first, second]}
     print(f"UNet benchmark: {config_name} config, batch {batch}, {dtype}, {results['device']}, "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}, median of {repeats}")
-    print(f"{'figure':<26}{'ours':>12}{'diffusers':>12}{'ours/diffusers':>16}")
+    print(f"{'figure':<26}{first:>14}{second:>12}{first + '/' + second:>24}")
     for mode, backward in (("forward", False), ("forward+backward", True)):
         seconds = time_interleaved(models, inputs, backward, repeats, device)
         peaks = {kind: peak_memory(kind, config, batch, backward, device, dtype) for kind in models}
         results[mode] = {"seconds": seconds, "peak_bytes": peaks,
-                         "time_ratio": seconds["ours"] / seconds["diffusers"],
-                         "memory_ratio": peaks["ours"] / max(peaks["diffusers"], 1)}
-        print(f"{mode + ' time (ms)':<26}{seconds['ours'] * 1e3:>12.2f}{seconds['diffusers'] * 1e3:>12.2f}"
-              f"{results[mode]['time_ratio']:>16.3f}")
-        print(f"{mode + ' peak (MiB)':<26}{peaks['ours'] / 2**20:>12.1f}{peaks['diffusers'] / 2**20:>12.1f}"
-              f"{results[mode]['memory_ratio']:>16.3f}")
+                         "time_ratio": seconds[first] / seconds[second],
+                         "memory_ratio": peaks[first] / max(peaks[second], 1)}
+        print(f"{mode + ' time (ms)':<26}{seconds[first] * 1e3:>14.2f}{seconds[second] * 1e3:>12.2f}"
+              f"{results[mode]['time_ratio']:>24.3f}")
+        print(f"{mode + ' peak (MiB)':<26}{peaks[first] / 2**20:>14.1f}{peaks[second] / 2**20:>12.1f}"
+              f"{results[mode]['memory_ratio']:>24.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -20,7 +20,7 @@ from latentdiff import UNet2DConditionModel
 from latentdiff.acceleration import attention_backend, compile_unet, count_flops, peak_bf16_flops
 
 GPU_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-CPU_VARIANT = "channels-last+math"  # the levers that run on a CPU in seconds
+CPU_VARIANT = "channels-last+math+fuse-qkv"  # the levers that run on a CPU in seconds
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +74,7 @@ def test_tiny_cpu_run_computes_every_figure(gpu, tiny_run):
         for name, figures in rows.items():
             assert "error" not in figures, (part, name, figures)
             assert figures["seconds"] > 0 and figures["runs"] == [figures["seconds"]]
-        # same weights, same inputs, fp32 on the CPU: ours reproduces diffusers, channels-last changes nothing
+        # same weights, same inputs, fp32 on the CPU: ours reproduces diffusers, the levers change nothing
         assert rows["ours/eager"]["err_vs_diffusers_eager"] < 1e-4
         assert rows[f"ours/{CPU_VARIANT}"]["err_vs_eager"] < 1e-4
         base = rows["diffusers/eager"]["seconds"]

@@ -2,6 +2,12 @@
 
 PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient / math, picked by PyTorch) is the
 default; xFormers' ``memory_efficient_attention`` is used when it is installed and asked for.
+
+Fused projections (an inference lever, diffusers' ``fuse_qkv_projections``): self-attention computes Q, K, V with
+one GEMM against ``[W_q; W_k; W_v]``, cross-attention K, V with one against ``[W_k; W_v]``. The concatenation is
+the storage and ``to_q/to_k/to_v.weight`` are views of its rows, so the state dict keeps diffusers' keys and
+shapes, costs no extra memory, and anything that writes into the parameters (``load_state_dict``, an optimizer
+step, an EMA swap) updates the fused weight too.
 """
 
 import importlib.util
@@ -56,7 +62,7 @@ def attention(
 
 
 class Attention(nn.Module):
-    """Self-attention (``context=None``) or cross-attention on ``context`` (the text embeddings)."""
+    """Self-attention (``context_dim=None``) or cross-attention on ``context`` (the text embeddings)."""
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class Attention(nn.Module):
     ):
         super().__init__()
         inner = heads * head_dim
+        self.is_cross_attention = context_dim is not None  # K, V come from the text: only they can be fused
         context_dim = context_dim or query_dim
         self.heads = heads
         self.upcast = upcast
@@ -78,6 +85,64 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        # [W_q; W_k; W_v] (self) or [W_k; W_v] (cross) once fused; not persistent: the views carry the keys
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_load_state_dict_post_hook(_fuse_again_after_load)
+
+    @property
+    def fusable_projections(self) -> tuple[nn.Module, ...]:
+        """The projections that one GEMM replaces when fused, in the order of their rows in ``fused_weight``."""
+        return (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
+
+    def check_fusable(self) -> None:
+        """Raise unless every projection to fuse is a plain ``nn.Linear`` (a LoRA layer's adapter would be skipped)."""
+        for projection in self.fusable_projections:
+            if type(projection) is not nn.Linear:
+                raise ValueError(
+                    f"Cannot fuse the QKV projections: a projection is a {type(projection).__name__}, not a plain "
+                    "nn.Linear (a LoRA adapter is attached), and the fused product would skip the adapter. Merge it "
+                    "into the weights first (`fuse_lora()` then `unload_lora()`) or remove it (`unload_lora()`), then "
+                    "call fuse_qkv_projections()."
+                )
+
+    def fuse_projections(self) -> None:
+        """Make the projections' weights rows of one ``fused_weight``; calling it again rebuilds the same thing."""
+        self.check_fusable()
+        projections = self.fusable_projections
+        fused = torch.cat([p.weight.detach() for p in projections])  # (3·inner or 2·inner, in_features)
+        rows = 0
+        for projection in projections:
+            n_rows = projection.weight.shape[0]
+            projection.weight.data = fused[rows : rows + n_rows]  # same Parameter object, now a view of `fused`
+            rows += n_rows
+        self.fused_weight = fused
+
+    def unfuse_projections(self) -> None:
+        """Give each projection its own storage again (a no-op when not fused)."""
+        if self.fused_weight is None:
+            return
+        for projection in self.fusable_projections:
+            projection.weight.data = projection.weight.data.clone()
+        self.fused_weight = None
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "Attention":
+        """``.to()``, ``.half()``, ...: convert the parameters alone, then rebuild the fused weight from them.
+
+        The conversion gives each parameter a new tensor of its own, which would leave ``fused_weight`` a stale copy.
+        """
+        fused = self.fused_weight is not None
+        self.fused_weight = None
+        super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections()
+        return self
+
+    def __setstate__(self, state: dict) -> None:
+        """``copy.deepcopy`` and unpickling copy each parameter on its own (``Parameter.__deepcopy__`` clones): the
+        copy's fused weight would be a stale duplicate, so share again."""
+        super().__setstate__(state)
+        if self.fused_weight is not None:
+            self.fuse_projections()
 
     def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
         """Called by diffusers' ``ModelMixin.enable_xformers_memory_efficient_attention`` on every module."""
@@ -94,10 +159,17 @@ class Attention(nn.Module):
         self, hidden: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         context = hidden if context is None else context
+        if self.fused_weight is None:
+            query, key, value = self.to_q(hidden), self.to_k(context), self.to_v(context)
+        elif self.is_cross_attention:
+            query = self.to_q(hidden)
+            key, value = F.linear(context, self._fused_weight()).chunk(2, dim=-1)  # (B, L, inner) each
+        else:
+            query, key, value = F.linear(hidden, self._fused_weight()).chunk(3, dim=-1)  # (B, N, inner) each
         out = attention(
-            self.to_q(hidden),
-            self.to_k(context),
-            self.to_v(context),
+            query,
+            key,
+            value,
             self.heads,
             bias=bias,
             upcast=self.upcast,
@@ -105,3 +177,34 @@ class Attention(nn.Module):
             use_xformers=self.use_xformers,
         )
         return self.to_out[1](self.to_out[0](out))
+
+    def _fused_weight(self) -> torch.Tensor:
+        """The stored concatenation, or, when autograd must reach the parameters, a fresh one built from them."""
+        if torch.is_grad_enabled() and any(p.weight.requires_grad for p in self.fusable_projections):
+            return torch.cat([p.weight for p in self.fusable_projections])  # backward splits the gradient by rows
+        return self.fused_weight
+
+
+def _fuse_again_after_load(module: Attention, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: ``assign=True`` swaps in new parameter tensors, so rebuild the fused weight."""
+    if module.fused_weight is not None:
+        module.fuse_projections()
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuse every `Attention` in `model`, after checking them all: a refusal leaves nothing half-fused."""
+    attentions = [module for module in model.modules() if isinstance(module, Attention)]
+    for module in attentions:
+        module.check_fusable()
+    for module in attentions:
+        module.fuse_projections()
+
+
+def unfuse_projections(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.unfuse_projections()
+
+
+def projections_fused(model: nn.Module) -> bool:
+    return any(isinstance(module, Attention) and module.fused_weight is not None for module in model.modules())

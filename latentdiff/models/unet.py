@@ -17,6 +17,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
 from .activations import get_activation
+from .attention import fuse_projections, projections_fused, unfuse_projections
 from .blocks import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 from .embeddings import SinusoidalTimesteps, TimestepEmbedding
 
@@ -57,6 +58,14 @@ def _per_block(value: Any, n_blocks: int, name: str) -> list:
             raise ValueError(f"{name} has {len(value)} entries but the UNet has {n_blocks} blocks: give one per block.")
         return list(value)
     return [value] * n_blocks
+
+
+def _refuse_adapters_while_fused(model: nn.Module) -> None:
+    if projections_fused(model):
+        raise ValueError(
+            "This UNet's QKV projections are fused and the fused product would skip a LoRA adapter: call "
+            "unet.unfuse_qkv_projections() before adding or loading adapters."
+        )
 
 
 def _unsupported(key: str, value: Any, supported: Any) -> ValueError:
@@ -100,7 +109,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     LoRA: diffusers' adapter API (`PeftAdapterMixin`: `add_adapter`, `set_adapters`, `disable_adapters`, …) works
     on the attention projections, which carry diffusers' names, and `cross_attention_kwargs={"scale": s}` scales the
-    adapters for one call, as in diffusers.
+    adapters for one call, as in diffusers. LoRA and `fuse_qkv_projections()` exclude each other.
     """
 
     _supports_gradient_checkpointing = True
@@ -275,6 +284,35 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         config_dict = {k: v for k, v in config_dict.items() if k not in FIXED_DIFFUSERS_OPTIONS}
         kwargs = {k: v for k, v in kwargs.items() if k not in FIXED_DIFFUSERS_OPTIONS}
         return super().extract_init_dict(config_dict, **kwargs)
+
+    # ---- fused QKV projections: an inference lever; see models/attention.py for how keys stay diffusers' ------
+
+    def fuse_qkv_projections(self) -> None:
+        r"""One GEMM for self-attention's Q, K, V and one for cross-attention's K, V (diffusers' method and meaning).
+
+        The state dict keeps diffusers' keys and shapes (`to_q.weight` is a view of the fused weight), so saving and
+        `load_state_dict` work as usual and fusing costs no memory. Training still gets correct gradients but gains
+        nothing; `.to()` is fine, while code that swaps in new parameter tensors (FSDP, offload hooks) should run
+        before fusing. Calling it twice is harmless.
+
+        Raises:
+            ValueError: A LoRA adapter is attached (the fused product would skip it).
+        """
+        fuse_projections(self)
+
+    def unfuse_qkv_projections(self) -> None:
+        """Separate Q, K, V products again (a no-op when not fused)."""
+        unfuse_projections(self)
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
+        """diffusers' `PeftAdapterMixin.add_adapter`, refused while the QKV projections are fused."""
+        _refuse_adapters_while_fused(self)
+        super().add_adapter(adapter_config, adapter_name)
+
+    def load_lora_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `PeftAdapterMixin.load_lora_adapter`, refused while the QKV projections are fused."""
+        _refuse_adapters_while_fused(self)
+        super().load_lora_adapter(*args, **kwargs)
 
     def _time_embedding(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None
