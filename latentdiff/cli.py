@@ -30,6 +30,8 @@ def _generate(args: argparse.Namespace) -> None:
         width=args.width,
         output_dir=args.output_dir,
         device=args.device,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
     )
     for path in result.image_paths:
         print(path)
@@ -53,7 +55,8 @@ def _train(argv: list[str]) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    result = run_demo(preset=args.preset, output_dir=args.output_dir, rebuild_base=args.rebuild_base)
+    output_dir = args.output_dir or Path("outputs/demo-lora" if args.lora_rank else "outputs/demo")
+    result = run_demo(args.preset, output_dir, args.rebuild_base, lora_rank=args.lora_rank)
     print(result.summary())
 
 
@@ -70,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="fine-tune the embedded emoji model end to end and write a grid")
     demo.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="training budget (default: cpu)")
-    demo.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="default: outputs/demo")
+    demo.add_argument("--output-dir", type=Path, default=None, help="default: outputs/demo (outputs/demo-lora with --lora-rank)")
     demo.add_argument("--rebuild-base", action="store_true", help="retrain the tiny base model instead of the committed one")
+    demo.add_argument("--lora-rank", type=int, default=None, help="fine-tune LoRA adapters of this rank instead")
     demo.set_defaults(handler=_demo)
 
     commands.add_parser(
@@ -93,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=None)
     generate.add_argument("--output-dir", type=Path, default=Path("outputs/generated"))
     generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    generate.add_argument("--lora", default=None, help="LoRA adapters on top of --model: folder, .safetensors or Hub id")
+    generate.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (0: the base model)")
     generate.set_defaults(handler=_generate)
 
-    push = commands.add_parser("push", help="upload a saved pipeline folder to the Hugging Face Hub")
+    push = commands.add_parser("push", help="upload a saved pipeline or LoRA folder to the Hugging Face Hub")
     push.add_argument("folder", type=Path)
     push.add_argument("--repo-id", required=True)
     push.add_argument("--token", default=None, help="default: the HF_TOKEN environment variable or saved login")

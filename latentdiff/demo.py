@@ -63,6 +63,8 @@ class DemoConfig:
     train_steps: int = 400
     batch_size: int = 64
     learning_rate: float = 2e-4
+    lora_rank: int | None = None  # fine-tune LoRA adapters of this rank instead of the whole UNet + text encoder
+    lora_learning_rate: float = 2e-3  # adapters start at zero and are small: they take a larger step size
     lr_warmup_steps: int = 50
     caption_dropout: float = 0.1
     mixed_precision: str = "no"
@@ -124,6 +126,7 @@ def run_demo(
     base_dir: str | Path | None = None,
     data_root: str | Path | None = None,
     package: str | Path | None = None,
+    lora_rank: int | None = None,
 ) -> DemoResult:
     r"""Runs the whole demo; every stage is reused from the cache when already done with the same settings.
 
@@ -137,10 +140,14 @@ def run_demo(
         base_dir (`str` or `Path`, *optional*): the base model folder; the repository's `base_model/` by default.
         data_root (`str` or `Path`, *optional*): the converted data set's folder; in the cache by default.
         package (`str` or `Path`, *optional*): an unpacked npm package to convert instead of running `npm pack`.
+        lora_rank (`int`, *optional*): fine-tune LoRA adapters of this rank (written to `output_dir/lora/`) instead
+            of the whole model; overrides the preset's `lora_rank`.
     """
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"Unknown demo preset {preset!r}: choose one of {', '.join(PRESETS)}.")
     config = PRESETS[preset] if isinstance(preset, str) else preset
+    if lora_rank is not None:
+        config = dataclasses.replace(config, lora_rank=lora_rank)
     output_dir = Path(output_dir)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -161,11 +168,15 @@ def run_demo(
         build_base(data, config.base, out_dir=base_dir)
     base = load_base(base_dir)
     lap("base")
-    model_dir = fine_tune(base, data, config, output_dir / "model")
+    lora = config.lora_rank is not None
+    model_dir = fine_tune(base, data, config, output_dir / ("lora" if lora else "model"))
     lap("fine-tune")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = LatentDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32).to(device)
+    pipeline = LatentDiffusionPipeline.from_pretrained(base if lora else model_dir, torch_dtype=torch.float32)
+    if lora:
+        pipeline.load_lora_weights(model_dir)
+    pipeline = pipeline.to(device)
     grid_path = output_dir / "demo_grid.png"
     save_png(demo_grid(pipeline, data, config, train_records, test_records), grid_path)
     lap("grid")
@@ -175,18 +186,23 @@ def run_demo(
     lap("quality")
     seconds["total"] = round(time.perf_counter() - start, 1)
 
-    command = (f'latentdiff generate --model {model_dir} --prompt "{config.seen_prompts[0]}" '
+    model = f"{base} --lora {model_dir}" if lora else model_dir
+    command = (f'latentdiff generate --model {model} --prompt "{config.seen_prompts[0]}" '
                f"--steps {config.inference_steps} --guidance-scale {config.guidance_scale}")  # fmt: skip
     result = DemoResult(output_dir, model_dir, grid_path, output_dir / "demo_results.json", rates["seen"],
                         rates["heldout"], rates["heldout_ceiling"], round(psnr, 2), seconds, command)  # fmt: skip
     payload = {k: v for k, v in dataclasses.asdict(result).items() if not isinstance(v, Path)}
     payload["preset"] = preset if isinstance(preset, str) else "custom"
+    payload["lora_rank"] = config.lora_rank
     atomic_write_text(result.results_path, json.dumps(payload, indent=1))
     return result
 
 
 def fine_tune(base: Path, data: EmojiDataset, config: DemoConfig, model_dir: Path) -> Path:
-    """Fine-tunes the base on the training split with the library's training loop; reused when already done."""
+    """Fine-tunes the base on the training split with the library's training loop; reused when already done.
+
+    With `config.lora_rank`, `model_dir` receives LoRA adapters for the UNet and the text encoder instead of a
+    pipeline."""
     train_config = TrainConfig(
         pretrained_model_name_or_path=str(base),
         train_data_dir=str(data.train_dir),
@@ -197,7 +213,8 @@ def fine_tune(base: Path, data: EmojiDataset, config: DemoConfig, model_dir: Pat
         caption_dropout=config.caption_dropout,
         train_batch_size=config.batch_size,
         max_train_steps=config.train_steps,
-        learning_rate=config.learning_rate,
+        learning_rate=config.learning_rate if config.lora_rank is None else config.lora_learning_rate,
+        lora_rank=config.lora_rank,
         lr_scheduler="constant_with_warmup",
         lr_warmup_steps=config.lr_warmup_steps,
         mixed_precision=config.mixed_precision,

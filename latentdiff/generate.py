@@ -4,6 +4,7 @@ Each image has its own seed (`seed + k` for the k-th image overall), drawn on th
 reproducible on any device and whatever batch it was generated in.
 """
 
+import math
 import os
 import re
 import tempfile
@@ -21,8 +22,10 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from PIL import Image
 
+from latentdiff.hub import as_hub_id
 from latentdiff.pipelines import LatentDiffusionPipeline
 
 # Short name → (scheduler class, config overrides). Each is built with `from_config(pipe.scheduler.config)`,
@@ -108,6 +111,26 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
+def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: float = 1.0) -> None:
+    """Load LoRA adapters (folder, Hub id, or `.safetensors` file) into `pipe` at strength `scale`."""
+    path = Path(lora)
+    if path.is_file():
+        location, options = str(path.parent), {"weight_name": path.name}
+    elif path.is_dir():
+        if not (path / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(
+                f"--lora {path} holds no {LORA_WEIGHT_NAME}: give the output folder of a LoRA run (--lora_rank) "
+                "or the .safetensors file itself."
+            )
+        location, options = str(path), {}
+    elif as_hub_id(str(lora)) is None:
+        raise FileNotFoundError(f"--lora {lora} does not exist: give a LoRA folder, file or Hub id.")
+    else:
+        location, options = str(lora), {}  # a Hub id
+    pipe.load_lora_weights(location, adapter_name="lora", **options)
+    pipe.set_adapters(["lora"], adapter_weights=[scale])
+
+
 def generate_images(
     model: str,
     prompts: list[str],
@@ -123,6 +146,8 @@ def generate_images(
     width: int | None = None,
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | str | None = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> GenerationResult:
     r"""Load a model, generate `num_images_per_prompt` images per prompt, and write PNGs plus a grid.
 
@@ -138,6 +163,9 @@ def generate_images(
         height / width (`int`, *optional*): Default: the model's native size.
         device (`str`, *optional*): Default: CUDA, else MPS, else CPU.
         torch_dtype (`torch.dtype` or `str`, *optional*): e.g. `"fp16"` on a GPU; default float32.
+        lora (`str` or `os.PathLike`, *optional*): LoRA adapters to load on top of `model`: a folder or Hub id holding
+            `pytorch_lora_weights.safetensors` (what `latentdiff train --lora_rank` writes), or the file itself.
+        lora_scale (`float`, *optional*, defaults to 1.0): Strength of the adapters; 0 gives the base model.
 
     Returns:
         `GenerationResult` with the image paths, their seeds and the grid path.
@@ -145,7 +173,11 @@ def generate_images(
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
     _scheduler_entry(scheduler)  # fail before the (slow) model load
+    if not math.isfinite(lora_scale):
+        raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
     pipe = LatentDiffusionPipeline.from_pretrained(model, torch_dtype=_resolve_dtype(torch_dtype))
+    if lora is not None:
+        load_lora(pipe, lora, lora_scale)
     pipe = pipe.to(device or _default_device())
     set_scheduler(pipe, scheduler)
     output_dir = Path(output_dir)

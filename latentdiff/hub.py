@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from huggingface_hub import HfApi
 
 from .atomic import atomic_write_text
@@ -23,11 +24,11 @@ CARD_HYPERPARAMETERS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "num_train_epochs", "mixed_precision", "use_ema", "ema_decay",
     "snr_gamma", "noise_offset", "input_perturbation", "caption_dropout", "prediction_type", "train_text_encoder",
-    "seed",
+    "lora_rank", "lora_alpha", "lora_target_modules", "seed",
 )  # fmt: skip
 
 
-def _hub_id(name: str | None) -> str | None:
+def as_hub_id(name: str | None) -> str | None:
     """`name` if it reads as a Hub repo id rather than a local path, else `None`."""
     if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
         return None
@@ -41,8 +42,9 @@ def model_card(
     hyperparameters: dict[str, Any],
     images: list[tuple[str, str]] | None = None,
     global_step: int | None = None,
+    lora: bool = False,
 ) -> str:
-    r"""The `README.md` text of a fine-tuned pipeline.
+    r"""The `README.md` text of a fine-tuned pipeline, or of LoRA adapters for a base pipeline.
 
     Args:
         repo_id (`str`): The model's Hub id (or folder name), used in the title and the usage snippet.
@@ -51,17 +53,26 @@ def model_card(
         hyperparameters (`dict`): Training options; those of `CARD_HYPERPARAMETERS` that are set are listed.
         images (`list[tuple[str, str]]`, *optional*): `(relative path, prompt)` of validation images.
         global_step (`int`, *optional*): Optimizer steps trained.
+        lora (`bool`, *optional*, defaults to `False`): The folder holds LoRA adapters
+            (`pytorch_lora_weights.safetensors`) that load on top of `base_model`, not a whole pipeline.
     """
     metadata: dict[str, Any] = {
         "library_name": "diffusers",
         "pipeline_tag": "text-to-image",
-        "tags": ["latentdiff", "text-to-image", "diffusers", "stable-diffusion", "diffusers-training"],
+        "tags": ["latentdiff", "text-to-image", "diffusers", "stable-diffusion", "diffusers-training"]
+        + (["lora"] if lora else []),
         "inference": True,
     }
-    if _hub_id(base_model):
+    if as_hub_id(base_model):
         metadata["base_model"] = base_model
-    if _hub_id(dataset):
+    if as_hub_id(dataset):
         metadata["datasets"] = [dataset]
+    what = "LoRA adapters for" if lora else "A text-to-image model fine-tuned from"
+    form = (
+        f"The adapters are `{LORA_WEIGHT_NAME}` in diffusers' LoRA format." if lora
+        else "It is a plain diffusers Stable Diffusion pipeline folder."
+    )  # fmt: skip
+    pipeline_id = base_model if lora else repo_id
     lines = [
         "---",
         yaml.safe_dump(metadata, sort_keys=False).strip(),
@@ -69,9 +80,8 @@ def model_card(
         "",
         f"# {repo_id}",
         "",
-        f"A text-to-image model fine-tuned from **{base_model}** on **{dataset or 'a local data set'}** with "
-        f"latentdiff (Accelerate){f', {global_step} optimizer steps' if global_step else ''}. "
-        "It is a plain diffusers Stable Diffusion pipeline folder.",
+        f"{what} **{base_model}**, trained on **{dataset or 'a local data set'}** with latentdiff (Accelerate)"
+        f"{f', {global_step} optimizer steps' if global_step else ''}. {form}",
         "",
         "## Usage",
         "",
@@ -79,7 +89,8 @@ def model_card(
         "import torch",
         "from diffusers import StableDiffusionPipeline",
         "",
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")',
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{pipeline_id}", torch_dtype=torch.float16).to("cuda")',
+        *([f'pipeline.load_lora_weights("{repo_id}")'] if lora else []),
         f'image = pipeline("{images[0][1] if images else "a photo of a cat"}").images[0]',
         "```",
         "",
@@ -108,10 +119,11 @@ def create_hub_repo(repo_id: str, token: str | None = None) -> str:
 def push_to_hub(
     folder: str | os.PathLike, repo_id: str, token: str | None = None, commit_message: str = "End of training"
 ) -> str:
-    r"""Upload a trained pipeline folder (weights, card, validation images, logs; no checkpoints) to the Hub.
+    r"""Upload a trained pipeline or LoRA folder (weights, card, validation images, logs; no checkpoints) to the Hub.
 
     Args:
-        folder (`str` or `os.PathLike`): The training output folder.
+        folder (`str` or `os.PathLike`): The training output folder: a pipeline (`model_index.json`) or LoRA
+            adapters (`pytorch_lora_weights.safetensors`).
         repo_id (`str`): Target model repo; created if missing.
         token (`str`, *optional*): Hub token; defaults to the logged-in one (`hf auth login`, `$HF_TOKEN`).
         commit_message (`str`, *optional*): Message of the upload commit.
@@ -120,8 +132,10 @@ def push_to_hub(
         `str`: The repo id (with the namespace the Hub resolved).
     """
     folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder} has no model_index.json: push a saved pipeline folder.")
+    if not any((folder / name).is_file() for name in ("model_index.json", LORA_WEIGHT_NAME)):
+        raise FileNotFoundError(
+            f"{folder} has no model_index.json nor {LORA_WEIGHT_NAME}: push a saved pipeline or LoRA folder."
+        )
     repo_id = create_hub_repo(repo_id, token=token)
     HfApi(token=token).upload_folder(
         repo_id=repo_id, folder_path=folder, commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE

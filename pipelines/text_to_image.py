@@ -9,11 +9,12 @@ It takes `StableDiffusionPipeline`'s arguments and reads and writes its folder f
   `DiffusionPipeline.from_pretrained(folder)` or `StableDiffusionPipeline.from_pretrained(folder)`.
 """
 
+import contextlib
 import inspect
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import logging
+from diffusers.utils import logging, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -46,8 +48,12 @@ STABLE_DIFFUSION_INDEX = {
 }
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""Text-to-image generation with a latent diffusion model (Stable Diffusion 1.x/2.x layout).
+
+    LoRA adapters in diffusers' format (ours from `latentdiff train --lora_rank`, or any SD-1.x/2.x LoRA) load with
+    diffusers' own API: `load_lora_weights`, `set_adapters`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights`;
+    `cross_attention_kwargs={"scale": s}` scales them for one call (docs/lora.md).
 
     Args:
         vae (`AutoencoderKL`): Encodes images to latents and decodes latents to images.
@@ -244,25 +250,43 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         r"""Text embeddings `(B·n, L, D)` for the prompts and, with guidance, for the negative (default `""`) ones.
+
+        Args:
+            lora_scale (`float`, *optional*): Scale of the text encoder's LoRA adapters for this call.
 
         Returns:
             `(prompt_embeds, negative_prompt_embeds)`; the second is `None` without classifier-free guidance.
         """
         dtype = self.unet.dtype
-        if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts)
-        batch = prompt_embeds.shape[0]
+        with self._text_encoder_lora_scale(lora_scale):
+            if prompt_embeds is None:
+                prompts = [prompt] if isinstance(prompt, str) else prompt
+                prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts)
+            batch = prompt_embeds.shape[0]
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+                negative_prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, negatives)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if not do_classifier_free_guidance:
             return prompt_embeds, None
-        if negative_prompt_embeds is None:
-            negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-            negative_prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, negatives)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    @contextlib.contextmanager
+    def _text_encoder_lora_scale(self, lora_scale: float | None) -> Iterator[None]:
+        """Scale the text encoder's LoRA layers inside the block, as diffusers' pipelines do for `{"scale": s}`."""
+        if lora_scale is None:
+            yield
+            return
+        self._lora_scale = lora_scale  # diffusers' `lora_scale` property, read when loading more adapters
+        scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            yield
+        finally:
+            unscale_lora_layers(self.text_encoder, lora_scale)
 
     def prepare_latents(
         self,
@@ -326,6 +350,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         guidance_rescale: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[["LatentDiffusionPipeline", int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> StableDiffusionPipelineOutput | tuple:
@@ -349,6 +374,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             return_dict (`bool`, *optional*, defaults to `True`): Output dataclass, or a tuple `(images, None)`.
             guidance_rescale (`float`, *optional*, defaults to 0.0): Rescale of guided ε towards ε_c's std (Lin et
                 al. 2024, sec. 3.4); helps with zero-terminal-SNR models at high guidance.
+            cross_attention_kwargs (`dict`, *optional*): Passed to the UNet; `{"scale": s}` scales the LoRA adapters
+                of the UNet and the text encoder for this call (0 gives the base model).
             callback_on_step_end (`Callable` or diffusers' `PipelineCallback`, *optional*): Called as
                 `callback(pipe, i, t, tensors)` after each step; it may return a dict replacing any of those tensors.
                 As in diffusers, with guidance `prompt_embeds` is the batch `[negative; positive]` the UNet sees, so
@@ -377,9 +404,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         batch_size = _batch_size(prompt, prompt_embeds) * num_images_per_prompt
 
         # 1. text: (B·n, L, D); with guidance [uncond; cond] (2·B·n, L, D), as diffusers' callbacks expect
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds,
+            prompt_embeds, negative_prompt_embeds, lora_scale,
         )  # fmt: skip
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
@@ -400,7 +428,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 guided = self.do_classifier_free_guidance  # a callback may turn guidance off mid-way
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise_pred = self.unet(
+                    model_input, t, encoder_hidden_states=prompt_embeds, cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=False,
+                )[0]  # fmt: skip
                 if guided:
                     noise_uncond, noise_cond = noise_pred.chunk(2)
                     noise_pred = classifier_free_guidance(noise_uncond, noise_cond, self.guidance_scale)

@@ -85,6 +85,14 @@ def test_demo_end_to_end_micro(tmp_path, demo_paths):
     assert weights.stat().st_mtime_ns == mtime
     assert again.seconds["fine-tune"] < 1.0 and time.perf_counter() - start < result.seconds["total"]
 
+    # With LoRA: adapters on the same base, loaded on top of it for the grid and the figures.
+    lora = run_demo(MICRO, tmp_path / "out-lora", lora_rank=2, **demo_paths)
+    assert lora.model_dir == tmp_path / "out-lora" / "lora" and lora.grid_path.is_file()
+    assert (lora.model_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert not (lora.model_dir / "model_index.json").exists()
+    assert json.loads(lora.results_path.read_text())["lora_rank"] == 2
+    assert f"--lora {lora.model_dir}" in lora.summary()
+
 
 def test_demo_rejects_prompts_from_the_wrong_split(tmp_path, demo_paths):
     wrong = DemoConfig(seen_prompts=("secret flag, country flag emoji",), base=MICRO_BASE)

@@ -91,23 +91,29 @@ def test_model_card_metadata_and_body():
     assert "base_model" not in local.split("---")[1] and "datasets" not in local.split("---")[1]
 
 
-def test_train_script_pushes_the_pipeline_but_no_checkpoint_or_token(fake_hub, tiny_pipeline_path, tmp_path):
+def run_train_script(endpoint: str, pipeline: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     """`python train_scripts/train_text_to_image.py ... --push_to_hub --hub_token`, as a user runs it."""
-    endpoint, hub = fake_hub
     data = write_caption_folder(tmp_path / "data", n=4)
-    output_dir = tmp_path / "out"
     command = [
         sys.executable, str(REPO_ROOT / "train_scripts" / "train_text_to_image.py"),
-        "--pretrained_model_name_or_path", str(tiny_pipeline_path), "--train_data_dir", str(data),
-        "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "cache"), "--resolution", "32",
+        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data),
+        "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--resolution", "32",
         "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "1", "--seed", "0",
-        "--lr_warmup_steps", "0", "--report_to", "tensorboard", "--validation_prompts", "a red square",
-        "--validation_inference_steps", "2", "--push_to_hub", "--hub_model_id", "me/tiny-finetune",
-        "--hub_token", TOKEN,
+        "--lr_warmup_steps", "0", "--validation_prompts", "a red square", "--validation_inference_steps", "2",
+        "--push_to_hub", "--hub_token", TOKEN, *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_ENDPOINT": endpoint}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_script_pushes_the_pipeline_but_no_checkpoint_or_token(fake_hub, tiny_pipeline_path, tmp_path):
+    endpoint, hub = fake_hub
+    output_dir = tmp_path / "out"
+    result = run_train_script(
+        endpoint, tiny_pipeline_path, tmp_path, "--report_to", "tensorboard", "--hub_model_id", "me/tiny-finetune"
+    )
 
     uploaded = set(hub.received)
     for name in ("model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors", "unet/config.json",
@@ -128,3 +134,16 @@ def test_train_script_pushes_the_pipeline_but_no_checkpoint_or_token(fake_hub, t
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
     assert not [name for name, content in hub.received.items() if TOKEN.encode() in content]
+
+
+def test_lora_run_pushes_the_adapters_and_a_lora_card(fake_hub, tiny_pipeline_path, tmp_path):
+    endpoint, hub = fake_hub
+    run_train_script(endpoint, tiny_pipeline_path, tmp_path, "--lora_rank", "2", "--report_to", "none",
+                     "--hub_model_id", "me/tiny-lora")  # fmt: skip
+    output_dir = tmp_path / "out"
+    assert {"pytorch_lora_weights.safetensors", "README.md", "training_config.json"} <= set(hub.received)
+    assert not [name for name in hub.received if "checkpoint" in name or name.startswith(("unet/", "vae/"))]
+    assert hub.received["pytorch_lora_weights.safetensors"] == (output_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    card = hub.received["README.md"].decode()
+    assert "lora" in yaml.safe_load(card.split("---")[1])["tags"]
+    assert f'from_pretrained("{tiny_pipeline_path}"' in card and 'pipeline.load_lora_weights("me/tiny-lora")' in card

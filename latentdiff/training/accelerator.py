@@ -65,7 +65,13 @@ def check_distributed_support(config: TrainConfig, accelerator: Accelerator) -> 
             "(which need whole weights on one process during training) are not supported: drop them, or use "
             "DDP (multi_gpu.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml), which keep whole weights."
         )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and config.train_text_encoder:
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and config.lora_rank is not None:
+        raise ValueError(
+            "--lora_rank trains a few MB of adapters beside frozen weights: run it with DDP (multi_gpu.yaml); "
+            "FSDP and DeepSpeed shard the weights, which LoRA runs do not need and latentdiff does not support."
+        )
+    if sharded and config.train_text_encoder:
         raise ValueError(
             "--train_text_encoder prepares two models, which Accelerate supports with DDP only (multi_gpu.yaml)."
         )

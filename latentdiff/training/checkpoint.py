@@ -5,6 +5,7 @@ scheduler, RNG states) plus, through the hooks below, diffusers/transformers fol
 (`unet/`, `text_encoder/`), the EMA weights (`ema.safetensors`) and `training_state.json` (step and seed),
 written last. Everything is first written to `.tmp-checkpoint-<step>` and renamed when complete, so a
 `checkpoint-<step>` folder that exists is whole: a kill during the write leaves the previous one as "latest".
+A LoRA run's checkpoint holds `pytorch_lora_weights.safetensors` (the adapters) instead of the model folders.
 """
 
 import json
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import replace_folder
 from ..models import UNet2DConditionModel
 from .ema import EMAModel
+from .lora import load_lora, save_lora
 
 logger = logging.getLogger(__name__)  # messages come from the main process only
 
@@ -75,18 +77,28 @@ def _component_folder(model: Any) -> str:
     return "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
 
 
-def register_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None:
+def _by_component(accelerator: Accelerator, models: list) -> dict[str, Any]:
+    """The prepared models unwrapped, by pipeline component name (`unet`, `text_encoder`)."""
+    unwrapped = [accelerator.unwrap_model(model) for model in models]
+    return {_component_folder(model): model for model in unwrapped}
+
+
+def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = False) -> None:
     """Make `save_state`/`load_state` store the models as safetensors folders and the EMA beside them.
 
     Without the hooks Accelerate pickles bare state dicts; with them a checkpoint's `unet/` is a UNet that
-    `from_pretrained` loads, and the EMA is saved and restored with the rest of the training state.
+    `from_pretrained` loads, and the EMA is saved and restored with the rest of the training state. In a LoRA run
+    (`lora=True`) only the adapters are saved, as one `pytorch_lora_weights.safetensors`: the base weights are the
+    base model's, unchanged.
     """
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if not weights:  # FSDP / DeepSpeed: Accelerate saved the (sharded) models in its own format
             models = []
+        if lora and models and accelerator.is_main_process:
+            save_lora(output_dir, **_by_component(accelerator, models))
         for model in models:
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and not lora:
                 accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / _component_folder(model))
             weights.pop()  # saved above: Accelerate must not write it again
         if ema is not None and accelerator.is_main_process:
@@ -95,6 +107,9 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None:
             save_file(shadow, Path(output_dir) / EMA_FILE, metadata={"ema": json.dumps(settings)})
 
     def load_hook(models: list, input_dir: str) -> None:
+        if lora:
+            load_lora(input_dir, **_by_component(accelerator, models))
+            models.clear()
         while models:
             model = accelerator.unwrap_model(models.pop())
             saved = type(model).from_pretrained(Path(input_dir) / _component_folder(model))

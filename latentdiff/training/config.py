@@ -18,6 +18,8 @@ from .checkpoint import resolve_checkpoint
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant",
 )  # fmt: skip
+UNET_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' scripts
+LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules")  # meaningful only with --lora_rank
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 SECRET_FIELDS = ("hub_token",)  # never logged, saved, printed or written into a model card
 
@@ -120,6 +122,22 @@ class TrainConfig:
         default=False, metadata=_help("Use xFormers' memory-efficient attention (needs the xformers package).")
     )
 
+    # LoRA
+    lora_rank: int | None = field(
+        default=None,
+        metadata=_help("Train LoRA adapters of this rank (4-64 is usual) instead of the whole UNet: the base weights "
+                       "stay frozen and the output is pytorch_lora_weights.safetensors in diffusers' format."),
+    )  # fmt: skip
+    lora_alpha: float | None = field(
+        default=None, metadata=_help("LoRA α: the adapters' update is scaled by α / rank; defaults to the rank.")
+    )
+    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the adapters' input."))
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(UNET_LORA_TARGET_MODULES),
+        metadata=_help("UNet modules (names or name endings) that get adapters, space- or comma-separated. With "
+                       "--train_text_encoder the text encoder's attention projections get adapters too."),
+    )  # fmt: skip
+
     # Diffusion
     prediction_type: Literal["epsilon", "v_prediction"] | None = field(
         default=None, metadata=_help("What the UNet predicts; by default what the base model's scheduler says.")
@@ -183,7 +201,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                     "validation_epochs", "validation_inference_steps")  # fmt: skip
-        for name in positive + ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        for name in positive + ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "lora_rank"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name} must be an integer ≥ 1, got {value!r}.")
@@ -193,6 +211,7 @@ class TrainConfig:
         for name in ("caption_dropout", "ema_decay", "ema_min_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be between 0 and 1, got {getattr(self, name)!r}.")
+        self._check_lora()
         if self.on_bad_image not in ("skip", "error"):
             raise ValueError(f"--on_bad_image must be 'skip' or 'error', got {self.on_bad_image!r}.")
         if self.seed is not None and not 0 <= self.seed < 2**63:
@@ -218,6 +237,28 @@ class TrainConfig:
             )
         if self.resume_from_checkpoint not in (None, "latest"):
             resolve_checkpoint(self.output_dir, self.resume_from_checkpoint)  # raises FileNotFoundError
+
+    def _check_lora(self) -> None:
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        self.lora_target_modules = [name.strip() for item in self.lora_target_modules for name in item.split(",")]
+        self.lora_target_modules = [name for name in self.lora_target_modules if name]
+        if self.lora_rank is None:
+            defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                        for f in dataclasses.fields(self) if f.name in LORA_FIELDS}  # fmt: skip
+            changed = [name for name in LORA_FIELDS if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ValueError(f"--{changed[0]} is a LoRA option: add --lora_rank (e.g. 8) to train LoRA adapters.")
+            return
+        if self.unet_config is not None:
+            raise ValueError("--lora_rank trains adapters on a pretrained UNet; it cannot be combined with "
+                             "--unet_config (a UNet from scratch): drop one of them.")  # fmt: skip
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if not self.lora_target_modules:
+            raise ValueError("--lora_target_modules is empty: name the UNet modules to adapt, e.g. to_q to_k to_v.")
 
     def trackers(self) -> list[str]:
         """`report_to` as Accelerate's `log_with` list (empty for `none`)."""

@@ -51,6 +51,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .ema import EMAModel
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
+from .lora import add_lora_adapters, save_lora
 from .losses import diffusion_loss
 from .models import build_optimizer, check_resolution, freeze, noise_scheduler_for, unet_from_config, weight_dtype_for
 from .validation import generate_validation_images, inference_scheduler, save_validation_images
@@ -107,10 +108,17 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     check_resolution(config.resolution, vae, unet)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     freeze(vae, accelerator.device, weight_dtype)
+    lora = config.lora_rank is not None
+    if lora or not config.train_text_encoder:
+        freeze(text_encoder, accelerator.device, weight_dtype)
+    if lora:  # the base weights stay frozen (in the weight dtype); only the fp32 adapters train
+        freeze(unet, accelerator.device, weight_dtype)
+        add_lora_adapters(
+            unet, text_encoder if config.train_text_encoder else None, config.lora_rank, config.lora_alpha,
+            config.lora_dropout, config.lora_target_modules,
+        )  # fmt: skip
     if config.train_text_encoder:
         text_encoder.train()
-    else:
-        freeze(text_encoder, accelerator.device, weight_dtype)
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -126,7 +134,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             unet, config.ema_decay, config.ema_min_decay, config.ema_update_after_step, config.ema_use_warmup,
             config.ema_inv_gamma, config.ema_power,
         ).to(accelerator.device)  # fmt: skip
-    register_hooks(accelerator, ema)
+    register_hooks(accelerator, ema, lora)
 
     # 3. Data: rows → examples (seeded by seed, epoch, row) → one shared order per epoch → each process its batches
     with accelerator.main_process_first():
@@ -259,25 +267,38 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             _validate(pipeline, ema, config, seed, global_step, accelerator)
     progress.close()
 
-    # 7. Save the pipeline (EMA weights with --use_ema), final validation, model card, upload
+    # 7. Save the pipeline, or the LoRA adapters (EMA weights with --use_ema); final validation, card, upload
     accelerator.wait_for_everyone()
-    unet_state = accelerator.get_state_dict(unet)  # all processes take part: FSDP/ZeRO gather the full weights
+    unet_state = None if lora else accelerator.get_state_dict(unet)  # all processes: FSDP/ZeRO gather the weights
     if accelerator.is_main_process:
-        unet = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
-        unet.load_state_dict(unet_state)
-        if ema is not None:
-            ema.copy_to(unet)
-        text_encoder = accelerator.unwrap_model(text_encoder)
-        if weight_dtype != torch.float32:  # save the frozen parts as they were, not their half-precision copies
+        trained_unet, trained_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        text_encoder, fresh = trained_text_encoder, None
+        if lora or weight_dtype != torch.float32:  # the frozen parts as saved, not their half-precision copies
             fresh = load_components(model_folder, variant=config.variant, allow_pickle=config.allow_pickle)
-            vae, text_encoder = fresh.vae, text_encoder if config.train_text_encoder else fresh.text_encoder
+            vae = fresh.vae
+            if lora or not config.train_text_encoder:  # a LoRA pipeline starts from the base and loads the adapters
+                text_encoder = fresh.text_encoder
         sampler = inference_scheduler(
             model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
         )
-        final = LatentDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
-        )
-        final.save_pretrained(output_dir)
+        if lora:
+            if ema is not None:
+                ema.copy_to(trained_unet)
+            saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
+            final = LatentDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=fresh.unet, scheduler=sampler
+            )
+            final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
+        else:
+            unet = UNet2DConditionModel.from_config(trained_unet.config)
+            unet.load_state_dict(unet_state)
+            if ema is not None:
+                ema.copy_to(unet)
+            final = LatentDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
+            )
+            final.save_pretrained(output_dir)
+            saved = output_dir
         atomic_write_text(output_dir / "training_config.json", json.dumps(config.to_dict(), indent=2))
         images = []
         if config.validation_prompts:
@@ -286,12 +307,12 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         hyperparameters = config.to_dict() | {"max_train_steps": max_train_steps, "num_train_epochs": num_epochs}
         card = model_card(
             repo_id or config.hub_model_id or output_dir.resolve().name, config.pretrained_model_name_or_path,
-            config.dataset_name or config.train_data_dir, hyperparameters, images, global_step,
+            config.dataset_name or config.train_data_dir, hyperparameters, images, global_step, lora=lora,
         )  # fmt: skip
         write_model_card(output_dir, card)
         if repo_id is not None:
             push_to_hub(output_dir, repo_id, token=config.hub_token)
-        logger.info(f"Saved the trained pipeline to {output_dir}")
+        logger.info(f"Saved the trained {'LoRA adapters' if lora else 'pipeline'} to {saved}")
     accelerator.wait_for_everyone()
     return output_dir
 

@@ -1,0 +1,226 @@
+"""LoRA fine-tuning: only the adapters train, resume is exact, the file is diffusers' format and loads anywhere."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import write_caption_folder
+from test_training import Recorder, assert_same_weights, make_config
+
+import latentdiff.training.loop as loop
+from latentdiff.pipelines import LatentDiffusionPipeline
+from latentdiff.training import TrainConfig, train
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PROMPT = "a red square"
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_pipeline_path, tmp_path_factory):
+    """24 LoRA steps (rank 4; attention, projections and feed-forward of the UNet, and the text encoder) with EMA
+    and validation; the trained models are kept by spying on `load_components`, whose first call gives the models
+    the loop trains."""
+    data = write_caption_folder(tmp_path_factory.mktemp("captions") / "images", n=8)
+    loaded = []
+
+    def spy(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    real = loop.load_components
+    loop.load_components = spy
+    recorder = Recorder()
+    try:
+        config = make_config(
+            tiny_pipeline_path, data, tmp_path_factory.mktemp("lora") / "out", max_train_steps=24, lora_rank=4,
+            lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"],
+            learning_rate=2e-2, train_text_encoder=True, use_ema=True, ema_decay=0.5, checkpointing_steps=12,
+            validation_prompts=[PROMPT], validation_epochs=100, validation_inference_steps=3,
+        )  # fmt: skip
+        output_dir = train(config, [recorder])
+    finally:
+        loop.load_components = real
+    return output_dir, recorder, loaded[0]
+
+
+def pipeline_images(pipeline, **kwargs) -> np.ndarray:
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(PROMPT, num_inference_steps=3, generator=generator, output_type="np", **kwargs).images
+
+
+def test_only_the_adapters_train_and_the_loss_falls(lora_run, tiny_pipeline_path):
+    output_dir, recorder, trained = lora_run
+    losses = recorder.losses()
+    assert len(losses) == 24 and np.mean(losses[-6:]) < 0.85 * np.mean(losses[:6]), losses
+    base = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    for name in ("unet", "text_encoder"):
+        state = getattr(trained, name).state_dict()
+        adapters = [k for k in state if "lora_" in k]
+        frozen = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+        assert_same_weights(frozen, getattr(base, name).state_dict())  # every base weight bit for bit
+        assert any(k.endswith("lora_B.default.weight") and state[k].abs().max() > 0 for k in adapters), name
+    saved = load_file(output_dir / LORA_FILE)
+    assert saved and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in saved)
+    assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder"}
+    assert (output_dir / "checkpoint-24" / LORA_FILE).is_file() and not (output_dir / "checkpoint-24" / "unet").exists()
+    assert not (output_dir / "model_index.json").exists()
+    card = (output_dir / "README.md").read_text()
+    assert "- lora" in card and "pipeline.load_lora_weights(" in card and "- lora_rank: 4" in card
+    assert (output_dir / "validation" / "step_24" / "0.png").is_file()
+
+
+def test_the_saved_file_is_the_ema_of_the_adapters(lora_run):
+    output_dir = lora_run[0]
+    ema = load_file(output_dir / "checkpoint-24" / "ema.safetensors")
+    raw = load_file(output_dir / "checkpoint-24" / LORA_FILE)
+    final = load_file(output_dir / LORA_FILE)
+    assert ema and all("lora_" in k for k in ema)  # the EMA averages the adapters only
+    unet_final = {k: v for k, v in final.items() if k.startswith("unet.")}
+    assert any(not torch.equal(unet_final[k], raw[k]) for k in unet_final)  # EMA ≠ raw weights
+    lora_b = [k for k in ema if "to_q.lora_B" in k][0]
+    saved_b = "unet." + lora_b.replace(".default", "")
+    assert torch.equal(final[saved_b], ema[lora_b])
+
+
+def test_adapter_loads_into_diffusers_with_the_same_images(lora_run, tiny_pipeline_path):
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = lora_run[0]
+    images = {}
+    for name, pipeline_class in (("ours", LatentDiffusionPipeline), ("diffusers", StableDiffusionPipeline)):
+        pipeline = pipeline_class.from_pretrained(tiny_pipeline_path)
+        images[f"{name}-base"] = pipeline_images(pipeline)
+        pipeline.load_lora_weights(output_dir)
+        images[name] = pipeline_images(pipeline)
+        images[f"{name}-scale0"] = pipeline_images(pipeline, cross_attention_kwargs={"scale": 0.0})
+        pipeline.set_adapters(pipeline.get_active_adapters(), adapter_weights=0.5)
+        images[f"{name}-half"] = pipeline_images(pipeline)
+    assert np.abs(images["ours"] - images["ours-base"]).max() > 1e-2  # the adapter changes the images
+    np.testing.assert_allclose(images["ours"], images["diffusers"], atol=1e-4)
+    np.testing.assert_allclose(images["ours-half"], images["diffusers-half"], atol=1e-4)
+    np.testing.assert_allclose(images["ours-base"], images["diffusers-base"], atol=1e-4)
+    np.testing.assert_allclose(images["ours-scale0"], images["ours-base"], atol=1e-6)  # scale 0 is the base model
+    assert np.abs(images["ours-half"] - images["ours"]).max() > 1e-3
+
+
+def test_fused_equals_unfused(lora_run, tiny_pipeline_path):
+    pipeline = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    pipeline.load_lora_weights(lora_run[0])
+    unfused = pipeline_images(pipeline)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()  # fused into the base weights: the adapters can go
+    fused = pipeline_images(pipeline)
+    np.testing.assert_allclose(fused, unfused, atol=1e-4)
+    assert not any("lora" in k for k in pipeline.unet.state_dict())
+
+
+def test_lora_resume_is_exact(tiny_pipeline_path, tmp_path):
+    """4 steps straight == 2 steps, stop, resume from checkpoint-2, 2 more: same losses, adapters and EMA."""
+    data = write_caption_folder(tmp_path / "data", n=8)
+    options = dict(lora_rank=2, lora_alpha=4.0, gradient_accumulation_steps=2, caption_dropout=0.3, use_ema=True,
+                   ema_decay=0.9, checkpointing_steps=2, train_text_encoder=True)  # fmt: skip
+    straight, resumed = Recorder(), Recorder()
+    train(make_config(tiny_pipeline_path, data, tmp_path / "straight", max_train_steps=4, **options), [straight])
+    train(make_config(tiny_pipeline_path, data, tmp_path / "resumed", max_train_steps=2, **options))
+    config = make_config(tiny_pipeline_path, data, tmp_path / "resumed", max_train_steps=4,
+                         resume_from_checkpoint="latest", **options)  # fmt: skip
+    train(config, [resumed])
+    assert sorted(resumed.logs) == [3, 4]
+    for step in (3, 4):
+        assert resumed.logs[step] == straight.logs[step]
+    for name in (f"checkpoint-4/{LORA_FILE}", "checkpoint-4/ema.safetensors", LORA_FILE):
+        assert_same_weights(load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name))
+
+
+def test_resume_with_another_rank_is_refused(tiny_pipeline_path, tmp_path):
+    data = write_caption_folder(tmp_path / "data", n=4)
+    train(make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=1, lora_rank=2, checkpointing_steps=1))
+    config = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, lora_rank=4,
+                         resume_from_checkpoint="latest")  # fmt: skip
+    with pytest.raises(ValueError, match=r"does not fit this run's unet adapter.*--lora_rank"):
+        train(config)
+
+
+def test_unknown_target_module_is_named(tiny_pipeline_path, tmp_path):
+    data = write_caption_folder(tmp_path / "data", n=4)
+    config = make_config(tiny_pipeline_path, data, tmp_path / "out", lora_rank=2, lora_target_modules=["to_qq"])
+    with pytest.raises(ValueError, match=r"--lora_target_modules to_qq: .*to_q, to_k, to_v and to_out.0"):
+        train(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(lora_rank=0), r"--lora_rank must be an integer ≥ 1, got 0"),
+        (dict(lora_alpha=8.0), r"--lora_alpha is a LoRA option: add --lora_rank"),
+        (dict(lora_rank=4, lora_alpha=-1.0), r"--lora_alpha must be > 0"),
+        (dict(lora_rank=4, lora_dropout=1.0), r"--lora_dropout must be in \[0, 1\)"),
+        (dict(lora_rank=4, lora_target_modules=[" , "]), r"--lora_target_modules is empty"),
+    ],
+)
+def test_lora_option_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", **overrides)
+
+
+def test_lora_with_unet_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--lora_rank .* cannot be combined with --unet_config"):
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", lora_rank=4,
+                    unet_config=str(tmp_path / "config.json"))  # fmt: skip
+
+
+def test_target_modules_parse_from_the_command_line():
+    from latentdiff.training import parse_train_args
+
+    config = parse_train_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--lora_rank", "8",
+                               "--lora_target_modules", "to_q,to_v", "ff.net.2"])  # fmt: skip
+    assert config.lora_rank == 8 and config.lora_target_modules == ["to_q", "to_v", "ff.net.2"]
+
+
+def test_gradient_checkpointing_and_bf16_train_the_fp32_adapters(tiny_pipeline_path, tmp_path):
+    data = write_caption_folder(tmp_path / "data", n=4)
+    runs = {}
+    for checkpointing in (False, True):
+        recorder = Recorder()
+        config = make_config(tiny_pipeline_path, data, tmp_path / f"gc-{checkpointing}", max_train_steps=3,
+                             lora_rank=2, mixed_precision="bf16", gradient_checkpointing=checkpointing)  # fmt: skip
+        runs[checkpointing] = (load_file(train(config, [recorder]) / LORA_FILE), recorder.losses())
+    (plain, plain_losses), (checkpointed, checkpointed_losses) = runs[False], runs[True]
+    assert all(t.dtype == torch.float32 for t in plain.values())
+    np.testing.assert_allclose(checkpointed_losses, plain_losses, rtol=1e-5)
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in checkpointed.items())  # gradients arrived
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
+
+
+def _read_images(paths) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(path)) for path in paths]).astype(np.int16)
+
+
+def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    def generate(name: str, *extra: str) -> np.ndarray:
+        argv = ["generate", "--model", str(tiny_pipeline_path), "--prompt", PROMPT, "--steps", "3", "--device", "cpu",
+                "--output-dir", str(tmp_path / name), *extra]  # fmt: skip
+        assert main(argv) == 0
+        return _read_images(sorted((tmp_path / name).glob("000-*.png")))
+
+    output_dir = lora_run[0]
+    base = generate("base")
+    adapted = generate("lora", "--lora", str(output_dir))
+    as_file = generate("file", "--lora", str(output_dir / LORA_FILE), "--lora-scale", "1.0")
+    off = generate("off", "--lora", str(output_dir), "--lora-scale", "0")
+    assert np.abs(adapted - base).max() > 2  # 8-bit levels
+    assert np.array_equal(as_file, adapted) and np.array_equal(off, base)
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", str(tmp_path)]) == 2
+    assert f"error: --lora {tmp_path} holds no {LORA_FILE}" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", "./missing"]) == 2
+    assert "error: --lora ./missing does not exist" in capsys.readouterr().err
