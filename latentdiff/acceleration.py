@@ -56,7 +56,7 @@ def compile_unet(
     return unet
 
 
-def compile_pipeline(pipe: Any, mode: str = "default", vae: bool = False) -> Any:
+def compile_pipeline(pipe: Any, mode: str = "default", vae: bool = False, backend: str | Callable = "inductor") -> Any:
     r"""Compile a text-to-image pipeline's UNet (and optionally its VAE decoder) in place; returns `pipe`.
 
     The UNet runs once per denoising step and is where the time goes; the VAE decoder runs once per call but
@@ -66,10 +66,11 @@ def compile_pipeline(pipe: Any, mode: str = "default", vae: bool = False) -> Any
         pipe: A `LatentDiffusionPipeline` or diffusers' `StableDiffusionPipeline` (anything with `unet`, `vae`).
         mode (`str`, *optional*, defaults to `"default"`): One of `COMPILE_MODES`.
         vae (`bool`, *optional*, defaults to `False`): Also compile `pipe.vae.decoder`.
+        backend (`str` or `Callable`, *optional*, defaults to `"inductor"`): As in `compile_unet`.
     """
-    compile_unet(pipe.unet, mode)
+    compile_unet(pipe.unet, mode, backend=backend)
     if vae:
-        pipe.vae.decoder.compile(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+        compile_unet(pipe.vae.decoder, mode, backend=backend)
     return pipe
 
 

@@ -176,6 +176,40 @@ def test_every_named_scheduler_swaps_in(pipe, name):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_sampling_loop_never_waits_for_the_device(tiny_pipeline_path):
+    """A meta tensor has no data, so anything that reads a device value on the host (`.item()`, `if t >= 0`,
+    indexing a CPU table with a device timestep, `nonzero`) raises. The whole call (text encoder, UNet with guidance,
+    each named scheduler's steps) runs on `meta`: on a GPU it queues every step without a host sync. With the
+    scheduler's timesteps on the device, as diffusers' pipelines keep them, every one of these schedulers raises."""
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path).to("meta")
+    pipe.set_progress_bar_config(disable=True)
+    for name, (cls, overrides) in sorted(SCHEDULERS.items()):
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+        latents = pipe(PROMPTS, num_inference_steps=STEPS, output_type="latent").images
+        assert latents.device.type == "meta" and latents.shape == (2, 4, 8, 8), name
+
+
+def test_compiled_pipeline_traces_the_unet_once_with_eager_images(tiny_pipeline_path):
+    """`pipe.compile()` makes one graph of the UNet (and of the VAE decoder) that serves every step: timesteps
+    reach it as tensors. The backend here hands dynamo's graph back to eager execution: tracing is checked, not
+    inductor's kernels (those are for the GPU run, benchmarks/gpu.py)."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    pipe.set_progress_bar_config(disable=True)
+    eager = run(pipe, num_inference_steps=STEPS)
+    torch._dynamo.reset()
+    assert pipe.compile(vae=True, backend=counting_backend) is pipe
+    compiled = run(pipe, num_inference_steps=STEPS)
+    assert len(graphs) == 2  # the UNet for all three steps, the VAE decoder once
+    np.testing.assert_allclose(compiled, eager, atol=1e-5)
+    assert list(pipe.unet.state_dict()) == list(LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path).unet.state_dict())
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -132,6 +132,7 @@ def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
     assert ["save", ".tmp-checkpoint-4/random_states_1.pkl"] in ranks[1]["writes"]  # rank 1 is observed
     assert ["save_file", "unet/diffusion_pytorch_model.safetensors"] in ranks[0]["writes"]
     assert (output_dir / "checkpoint-4" / "random_states_1.pkl").is_file()
+    assert sorted(p.name for p in (output_dir / "checkpoint-4").iterdir() if p.is_dir()) == ["unet"]  # the DDP-wrapped UNet
 
 
 def test_accelerate_configs_load():

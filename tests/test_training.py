@@ -342,3 +342,27 @@ def test_loss_parts_match_diffusers(prediction_type):
         for _ in range(2)
     ]
     assert losses[0] == losses[1] and torch.isfinite(losses[0])
+
+
+def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path, monkeypatch):
+    """`--compile` through AOTAutograd (forward and backward graphs traced, run without codegen): the same losses
+    and weights as eager. Inductor's kernels are for the GPU run (benchmarks/gpu.py)."""
+    import functools
+
+    import latentdiff.training.loop as loop
+    from latentdiff.acceleration import compile_unet
+
+    monkeypatch.setattr(loop, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        recorder = Recorder()
+        config = make_config(tiny_pipeline_path, caption_folder, tmp_path / f"compile-{compiled}", max_train_steps=3,
+                             compile=compiled)  # fmt: skip
+        runs[compiled] = (weights(train(config, [recorder]) / UNET_WEIGHTS), recorder.losses())
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs == 0 if not compiled else 1 <= graphs <= 2, graphs  # the UNet (+ a last, smaller batch)
+    np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-5)
+    for key, value in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][key], value, rtol=1e-4, atol=1e-6)

@@ -73,14 +73,10 @@ def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None
     )
 
 
-def _component_folder(model: Any) -> str:
-    return "unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"
-
-
 def _by_component(accelerator: Accelerator, models: list) -> dict[str, Any]:
-    """The prepared models unwrapped, by pipeline component name (`unet`, `text_encoder`)."""
+    """The prepared models unwrapped (DDP, torch.compile), by pipeline component name (`unet`, `text_encoder`)."""
     unwrapped = [accelerator.unwrap_model(model) for model in models]
-    return {_component_folder(model): model for model in unwrapped}
+    return {"unet" if isinstance(model, UNet2DConditionModel) else "text_encoder": model for model in unwrapped}
 
 
 def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = False) -> None:
@@ -93,27 +89,27 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
     """
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if not weights:  # FSDP / DeepSpeed: Accelerate saved the (sharded) models in its own format
-            models = []
-        if lora and models and accelerator.is_main_process:
-            save_lora(output_dir, **_by_component(accelerator, models))
-        for model in models:
-            if accelerator.is_main_process and not lora:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / _component_folder(model))
-            weights.pop()  # saved above: Accelerate must not write it again
+        if weights and accelerator.is_main_process:  # no weights: FSDP / DeepSpeed saved them in their own format
+            components = _by_component(accelerator, models)
+            if lora:
+                save_lora(output_dir, **components)
+            else:
+                for name, model in components.items():
+                    model.save_pretrained(Path(output_dir) / name)
+        weights.clear()  # saved above: Accelerate must not write them again
         if ema is not None and accelerator.is_main_process:
             settings = {k: v for k, v in ema.state_dict().items() if k != "shadow"}
             shadow = {name: tensor.cpu() for name, tensor in ema.shadow.items()}
             save_file(shadow, Path(output_dir) / EMA_FILE, metadata={"ema": json.dumps(settings)})
 
     def load_hook(models: list, input_dir: str) -> None:
+        components = _by_component(accelerator, models)
+        models.clear()  # loaded here: Accelerate must not load them again
         if lora:
-            load_lora(input_dir, **_by_component(accelerator, models))
-            models.clear()
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            saved = type(model).from_pretrained(Path(input_dir) / _component_folder(model))
-            model.load_state_dict(saved.state_dict())
+            load_lora(input_dir, **components)
+        else:
+            for name, model in components.items():
+                model.load_state_dict(type(model).from_pretrained(Path(input_dir) / name).state_dict())
         if ema is not None:
             path = Path(input_dir) / EMA_FILE
             if not path.is_file():

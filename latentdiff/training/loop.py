@@ -23,6 +23,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..acceleration import compile_unet
 from ..atomic import atomic_write_text
 from ..components import load_components, resolve_model_folder
 from ..data import (
@@ -126,6 +127,8 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             text_encoder.gradient_checkpointing_enable()
     if config.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
+    if config.compile:
+        compile_unet(unet)  # in place: same module, parameters and state-dict keys for Accelerate and the hooks
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     ema = None
