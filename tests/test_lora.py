@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_data import write_caption_folder
-from test_training import Recorder, assert_same_weights, make_config
+from test_training import Recorder, assert_same_weights, make_config, run_straight_and_resumed
 
 import latentdiff.training.loop as loop
 from latentdiff.pipelines import LatentDiffusionPipeline
@@ -119,17 +119,8 @@ def test_fused_equals_unfused(lora_run, tiny_pipeline_path):
 def test_lora_resume_is_exact(tiny_pipeline_path, tmp_path):
     """4 steps straight == 2 steps, stop, resume from checkpoint-2, 2 more: same losses, adapters and EMA."""
     data = write_caption_folder(tmp_path / "data", n=8)
-    options = dict(lora_rank=2, lora_alpha=4.0, gradient_accumulation_steps=2, caption_dropout=0.3, use_ema=True,
-                   ema_decay=0.9, checkpointing_steps=2, train_text_encoder=True)  # fmt: skip
-    straight, resumed = Recorder(), Recorder()
-    train(make_config(tiny_pipeline_path, data, tmp_path / "straight", max_train_steps=4, **options), [straight])
-    train(make_config(tiny_pipeline_path, data, tmp_path / "resumed", max_train_steps=2, **options))
-    config = make_config(tiny_pipeline_path, data, tmp_path / "resumed", max_train_steps=4,
-                         resume_from_checkpoint="latest", **options)  # fmt: skip
-    train(config, [resumed])
-    assert sorted(resumed.logs) == [3, 4]
-    for step in (3, 4):
-        assert resumed.logs[step] == straight.logs[step]
+    run_straight_and_resumed(tiny_pipeline_path, data, tmp_path, lora_rank=2, lora_alpha=4.0, caption_dropout=0.3,
+                             gradient_accumulation_steps=2, use_ema=True, ema_decay=0.9, train_text_encoder=True)
     for name in (f"checkpoint-4/{LORA_FILE}", "checkpoint-4/ema.safetensors", LORA_FILE):
         assert_same_weights(load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name))
 

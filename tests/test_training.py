@@ -129,6 +129,20 @@ def test_output_loads_with_latentdiff_and_diffusers(trained):
 # ---- exactness ----------------------------------------------------------------------------------------------------
 
 
+def run_straight_and_resumed(pipeline: Path, data: Path, tmp_path: Path, **options) -> None:
+    """Train 4 steps into tmp_path/straight, and 2 + resume + 2 into tmp_path/resumed (checkpoints every 2 steps);
+    check that steps 3 and 4 log the same loss and learning rate, bit for bit."""
+    options = {"checkpointing_steps": 2, **options}
+    straight, resumed = Recorder(), Recorder()
+    train(make_config(pipeline, data, tmp_path / "straight", max_train_steps=4, **options), [straight])
+    train(make_config(pipeline, data, tmp_path / "resumed", max_train_steps=2, **options))
+    train(make_config(pipeline, data, tmp_path / "resumed", max_train_steps=4, resume_from_checkpoint="latest",
+                      **options), [resumed])  # fmt: skip
+    assert sorted(resumed.logs) == [3, 4]
+    for step in (3, 4):
+        assert resumed.logs[step] == straight.logs[step]
+
+
 def test_resume_is_exact(tiny_pipeline_path, tmp_path):
     """4 steps straight == 2 steps, stop, resume from checkpoint-2, 2 more (mid-epoch, accumulation, all noises)."""
     data = write_caption_folder(tmp_path / "data", n=12)
@@ -137,16 +151,7 @@ def test_resume_is_exact(tiny_pipeline_path, tmp_path):
         input_perturbation=0.1, snr_gamma=5.0, use_ema=True, ema_decay=0.9, lr_scheduler="constant_with_warmup",
         lr_warmup_steps=3, checkpointing_steps=2,
     )  # fmt: skip
-    straight, resumed = Recorder(), Recorder()
-    train(make_config(tiny_pipeline_path, data, tmp_path / "straight", max_train_steps=4, **options), [straight])
-    train(make_config(tiny_pipeline_path, data, tmp_path / "resumed", max_train_steps=2, **options))
-    config = make_config(tiny_pipeline_path, data, tmp_path / "resumed", max_train_steps=4,
-                         resume_from_checkpoint="latest", **options)  # fmt: skip
-    train(config, [resumed])
-
-    assert sorted(resumed.logs) == [3, 4]
-    for step in (3, 4):
-        assert resumed.logs[step] == straight.logs[step]  # same loss and learning rate, bit for bit
+    run_straight_and_resumed(tiny_pipeline_path, data, tmp_path, **options)
     for name in (UNET_WEIGHTS, "ema.safetensors"):
         assert_same_weights(
             weights(tmp_path / "straight" / "checkpoint-4" / name),
