@@ -48,6 +48,31 @@ def test_gradients_match_diffusers(unet_config):
     assert worst <= 1e-4
 
 
+def test_channels_last_keeps_its_layout_and_the_numbers():
+    """A channels-last model (`.to(memory_format=torch.channels_last)`) gives the NCHW model's output, and the 1×1
+    conv after each transformer reads NHWC without a round trip through NCHW."""
+    config = UNET_CONFIGS["sd1"]  # conv proj_in/proj_out
+    _, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        expected = ours(**inputs).sample
+        ours.to(memory_format=torch.channels_last)
+        layouts = []
+        hooks = [
+            module.proj_out.register_forward_pre_hook(
+                lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+            )
+            for module in ours.modules()
+            if type(module).__name__ == "Transformer2DModel"
+        ]
+        sample = inputs["sample"].to(memory_format=torch.channels_last)
+        actual = ours(**{**inputs, "sample": sample}).sample
+    for hook in hooks:
+        hook.remove()
+    assert layouts and all(layouts), layouts
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("size", [6, 10])
 def test_latent_sizes_not_divisible_by_the_up_factor(size):
     """Odd latent sizes go through explicit upsample sizes, as in diffusers."""

@@ -199,10 +199,18 @@ class Transformer2DModel(nn.Module):
             h = block(h, context, self_bias, cross_bias)
         if self.use_linear_projection:
             h = self.proj_out(h)
-        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W), laid out as (B, H, W, C)
         if not self.use_linear_projection:
-            h = self.proj_out(h.contiguous())
+            h = self.proj_out(h.contiguous(memory_format=_layout_of(x)))  # no NHWC → NCHW → NHWC round trip
         return h + x
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC feature map (a model moved with `.to(memory_format=torch.channels_last)`), else the
+    default layout: the transformer's output goes back to the convolutions in the layout they run in."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class CheckpointedStage(nn.Module):
