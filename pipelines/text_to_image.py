@@ -12,7 +12,6 @@ It takes `StableDiffusionPipeline`'s arguments and reads and writes its folder f
 import contextlib
 import inspect
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,9 +35,10 @@ from latentdiff.models import UNet2DConditionModel
 from latentdiff.text import embed_prompts
 from latentdiff.tokenizer import save_vocab_files
 
+from .inputs import check_prompt_arguments, check_sampling_arguments, prompt_batch_size
+
 logger = logging.get_logger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What model_index.json says, so that plain diffusers loads our folders as a Stable Diffusion pipeline.
 STABLE_DIFFUSION_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -197,61 +197,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         guidance_scale: float,
     ) -> None:
         """Every argument problem as one clear `ValueError`, before any model runs."""
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-            or guidance_scale < 0
-        ):
-            raise ValueError(
-                f"guidance_scale must be a finite number ≥ 0 (1 or less turns guidance off; 7.5 is usual), "
-                f"got {guidance_scale!r}."
-            )
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(
-                f"height and width must be divisible by the VAE factor {self.vae_scale_factor}, got {height}x{width}."
-            )
-        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if timesteps is not None and "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
-            raise ValueError(
-                f"{type(self.scheduler).__name__} does not take custom timesteps; use num_inference_steps."
-            )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("Pass exactly one of prompt and prompt_embeds (got both or neither).")
-        text_width = self.text_encoder.config.hidden_size  # what the UNet's cross-attention takes
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != text_width):
-                raise ValueError(
-                    f"{name} must have shape (batch, tokens, {text_width}), the text encoder's width, got "
-                    f"{tuple(embeds.shape)}."
-                )
-        if prompt is not None and not (isinstance(prompt, str) or _is_str_list(prompt)):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass at most one of negative_prompt and negative_prompt_embeds (got both).")
-        if negative_prompt is not None and not (isinstance(negative_prompt, str) or _is_str_list(negative_prompt)):
-            raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}.")
-        batch = _batch_size(prompt, prompt_embeds)
-        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
-            raise ValueError(
-                f"negative_prompt has {len(negative_prompt)} entries but there are {batch} prompts: give one per "
-                "prompt, or a single string for all."
-            )
-        if negative_prompt_embeds is not None and prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
-                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
-                )
-        elif negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] != batch:
-            raise ValueError(
-                f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows but there are {batch} prompts."
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        check_sampling_arguments(
+            guidance_scale, height, width, self.vae_scale_factor, num_inference_steps, timesteps, self.scheduler,
+            num_images_per_prompt, output_type,
+        )  # fmt: skip
+        check_prompt_arguments(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, self.text_encoder.config.hidden_size
+        )
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -419,7 +371,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         device = self._execution_device
-        batch_size = _batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
 
         # 1. text: (B·n, L, D); with guidance [uncond; cond] (2·B·n, L, D), as diffusers' callbacks expect
         lora_scale = (cross_attention_kwargs or {}).get("scale")
@@ -477,12 +429,3 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             return images, None
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
 
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
-
-
-def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
-    if prompt is None:
-        return prompt_embeds.shape[0]
-    return 1 if isinstance(prompt, str) else len(prompt)
