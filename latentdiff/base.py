@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -110,16 +111,22 @@ def build_init_stage(vae: AutoencoderKL, config: BaseConfig, work_dir: Path) -> 
     return folder
 
 
+def emoji_train_config(data: EmojiDataset, resolution: int, **options: Any) -> TrainConfig:
+    """A `TrainConfig` on the emoji training split with what every run on it shares (the base's stage 3, the demo's
+    fine-tuning): square images (center crop is a no-op that allows the latent cache), cached latents, the text
+    encoder trained with the UNet, no trackers; `options` give the rest."""
+    shared = dict(train_data_dir=str(data.train_dir), resolution=resolution, center_crop=True, cache_latents=True,
+                  train_text_encoder=True, report_to="none")  # fmt: skip
+    return TrainConfig(**{**shared, **options})
+
+
 def train_stage_config(init: Path, data: EmojiDataset, config: BaseConfig, output_dir: Path) -> TrainConfig:
     """Stage 3's options: a UNet from scratch and the text encoder, on the training split (latents cached)."""
-    return TrainConfig(
+    return emoji_train_config(
+        data,
+        config.vae.resolution,
         pretrained_model_name_or_path=str(init),
         unet_config=str(init / "unet_config.json"),
-        train_data_dir=str(data.train_dir),
-        resolution=config.vae.resolution,
-        center_crop=True,  # the emoji are square: a no-op that allows the latent cache
-        cache_latents=True,
-        train_text_encoder=True,
         caption_dropout=config.caption_dropout,
         train_batch_size=config.batch_size,
         max_train_steps=config.unet_steps,
@@ -131,7 +138,6 @@ def train_stage_config(init: Path, data: EmojiDataset, config: BaseConfig, outpu
         checkpointing_steps=config.checkpointing_steps,
         checkpoints_total_limit=1,
         resume_from_checkpoint="latest",
-        report_to="none",
         output_dir=str(output_dir),
     )
 

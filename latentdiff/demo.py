@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write_text
-from .base import BaseConfig, build_base, load_base
+from .base import BaseConfig, build_base, emoji_train_config, load_base
 from .emoji import EmojiDataset, load_images, prepare_emoji_dataset, read_split
 from .figures import labelled_grid
 from .generate import save_png
 from .pipelines import LatentDiffusionPipeline
 from .quality import MatchRates, prompt_following
-from .training import TrainConfig, train
+from .training import train
 from .vae_training import reconstruction_psnr
 
 logger = logging.getLogger(__name__)
@@ -203,13 +203,10 @@ def fine_tune(base: Path, data: EmojiDataset, config: DemoConfig, model_dir: Pat
 
     With `config.lora_rank`, `model_dir` receives LoRA adapters for the UNet and the text encoder instead of a
     pipeline."""
-    train_config = TrainConfig(
+    train_config = emoji_train_config(
+        data,
+        config.base.vae.resolution,
         pretrained_model_name_or_path=str(base),
-        train_data_dir=str(data.train_dir),
-        resolution=config.base.vae.resolution,
-        center_crop=True,  # square emoji: a no-op crop that allows the latent cache
-        cache_latents=True,
-        train_text_encoder=True,
         caption_dropout=config.caption_dropout,
         train_batch_size=config.batch_size,
         max_train_steps=config.train_steps,
@@ -220,7 +217,6 @@ def fine_tune(base: Path, data: EmojiDataset, config: DemoConfig, model_dir: Pat
         mixed_precision=config.mixed_precision,
         seed=config.seed,
         checkpointing_steps=config.train_steps + 1,  # no checkpoint: the run is short and reruns are cached
-        report_to="none",
         output_dir=str(model_dir),
     )
     done = model_dir / "training_config.json"
