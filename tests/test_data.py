@@ -10,15 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.data import (
-    EpochShuffler,
-    ImageCaptionDataset,
-    ImageTransform,
-    collate_examples,
-    load_image_caption_dataset,
-    pick_caption,
-    to_rgb,
-)
+from latentdiff.data import load_image_caption_dataset
+from latentdiff.examples import EpochShuffler, ImageCaptionDataset, ImageTransform, collate_examples, pick_caption, to_rgb
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 

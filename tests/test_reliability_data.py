@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from test_data import write_caption_folder
 
-from latentdiff.data import ImageCaptionDataset, ImageTransform, collate_examples, load_image_caption_dataset
+from latentdiff.data import load_image_caption_dataset
+from latentdiff.examples import ImageCaptionDataset, ImageTransform, collate_examples
 from latentdiff.text import tokenize_prompts
 from latentdiff.training import TrainConfig, train
 

@@ -51,13 +51,13 @@ wrap(torch, "save")
 wrap(safetensors.torch, "save_file")
 
 import accelerate
-import latentdiff.data
+import latentdiff.examples
 
-getitem = latentdiff.data.ImageCaptionDataset.__getitem__
+getitem = latentdiff.examples.ImageCaptionDataset.__getitem__
 def recording_getitem(self, index):
     record["rows"].append([self.epoch, index])
     return getitem(self, index)
-latentdiff.data.ImageCaptionDataset.__getitem__ = recording_getitem
+latentdiff.examples.ImageCaptionDataset.__getitem__ = recording_getitem
 
 end_training = accelerate.Accelerator.end_training
 def recording_end_training(self):

@@ -10,13 +10,17 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
-from ..data import ImageCaptionDataset
+from ..examples import ImageCaptionDataset
 
 
 @torch.no_grad()
 def encode_latent_dists(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Parameters `(B, 2C, h, w)` (mean, log-variance) of q(z|x) for images `(B, 3, H, W)` in [-1, 1]."""
-    return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.parameters
+    """Parameters `(B, 2C, h, w)` (mean, log-variance) of q(z|x) for images `(B, 3, H, W)` in [-1, 1].
+
+    Made contiguous: a CPU VAE may return them channels-last, and the UNet would then run in that layout, with
+    other kernels (other roundings) than from the cache, whose rows are stacked contiguous.
+    """
+    return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.parameters.contiguous()
 
 
 def sample_latents(vae: AutoencoderKL, latent_dists: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

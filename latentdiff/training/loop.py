@@ -26,15 +26,8 @@ from tqdm.auto import tqdm
 from ..acceleration import compile_unet
 from ..atomic import atomic_write_text
 from ..components import load_components, resolve_model_folder
-from ..data import (
-    EpochShuffler,
-    ImageCaptionDataset,
-    ImageTransform,
-    derive_seed,
-    load_image_caption_dataset,
-    make_collate_fn,
-    warn_long_captions,
-)
+from ..data import load_image_caption_dataset, warn_long_captions
+from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
 from ..hub import create_hub_repo, model_card, push_to_hub, write_model_card
 from ..models import UNet2DConditionModel
 from ..pipelines import LatentDiffusionPipeline
