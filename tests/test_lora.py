@@ -215,3 +215,38 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     assert f"error: --lora {tmp_path} holds no {LORA_FILE}" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", "./missing"]) == 2
     assert "error: --lora ./missing does not exist" in capsys.readouterr().err
+
+
+def test_diffusers_script_lora_loads_and_mixes_with_ours(lora_run, tiny_pipeline_path, tmp_path):
+    """An adapter made the way diffusers' train_text_to_image_lora.py saves it (its UNet, `lora.down`/`lora.up` key
+    names) loads into our pipeline, alone and mixed with ours, with the images diffusers' pipeline gives."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    torch.manual_seed(0)
+    reference.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                          target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+    with torch.no_grad():  # a trained-looking adapter: B ≠ 0
+        for name, parameter in reference.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.2)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(reference.unet))
+    assert any(".lora.down.weight" in k for k in layers)  # the old naming of diffusers' script
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "theirs", unet_lora_layers=layers)
+
+    images = {}
+    for name, pipeline_class in (("ours", LatentDiffusionPipeline), ("diffusers", StableDiffusionPipeline)):
+        pipeline = pipeline_class.from_pretrained(tiny_pipeline_path)
+        base = pipeline_images(pipeline)
+        pipeline.load_lora_weights(tmp_path / "theirs", adapter_name="theirs")
+        images[f"{name}-theirs"] = pipeline_images(pipeline)
+        pipeline.load_lora_weights(lora_run[0], adapter_name="ours")
+        pipeline.set_adapters(["theirs", "ours"], adapter_weights=[0.7, 0.5])
+        images[f"{name}-mixed"] = pipeline_images(pipeline)
+        assert np.abs(images[f"{name}-theirs"] - base).max() > 1e-2
+    np.testing.assert_allclose(images["ours-theirs"], images["diffusers-theirs"], atol=1e-4)
+    np.testing.assert_allclose(images["ours-mixed"], images["diffusers-mixed"], atol=1e-4)
+    assert np.abs(images["ours-mixed"] - images["ours-theirs"]).max() > 1e-3
