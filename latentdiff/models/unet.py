@@ -20,44 +20,9 @@ from .activations import get_activation
 from .attention import fuse_projections, projections_fused, unfuse_projections
 from .blocks import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 from .embeddings import SinusoidalTimesteps, TimestepEmbedding
+from .unet_config import check_config, drop_fixed_options, per_block
 
 logger = logging.get_logger(__name__)
-
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
-CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection")
-
-# diffusers config keys we accept only at diffusers' default: any other value needs code we do not have
-# (SDXL's added embeddings, dual cross-attention, GLIGEN, ...), so loading such a config must fail loudly.
-FIXED_DIFFUSERS_OPTIONS: dict[str, Any] = {
-    "dual_cross_attention": False,
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "addition_embed_type_num_heads": 64,
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-}
-
-
-def _per_block(value: Any, n_blocks: int, name: str) -> list:
-    """Broadcast an int/bool config value to one per block, or check a per-block list's length."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n_blocks:
-            raise ValueError(f"{name} has {len(value)} entries but the UNet has {n_blocks} blocks: give one per block.")
-        return list(value)
-    return [value] * n_blocks
 
 
 def _refuse_adapters_while_fused(model: nn.Module) -> None:
@@ -66,13 +31,6 @@ def _refuse_adapters_while_fused(model: nn.Module) -> None:
             "This UNet's QKV projections are fused and the fused product would skip a LoRA adapter: call "
             "unet.unfuse_qkv_projections() before adding or loading adapters."
         )
-
-
-def _unsupported(key: str, value: Any, supported: Any) -> ValueError:
-    return ValueError(
-        f"UNet config key {key!r} = {value!r} is not supported by latentdiff's UNet2DConditionModel "
-        f"(supported: {supported}). Use diffusers' UNet2DConditionModel for this checkpoint."
-    )
 
 
 class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -157,14 +115,14 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ):
         super().__init__()
         n_blocks = len(block_out_channels)
-        self._check_config(locals(), n_blocks)
+        check_config(locals(), n_blocks)
         if num_attention_heads is not None:
             self.register_to_config(attention_head_dim=num_attention_heads, num_attention_heads=None)
-        heads = _per_block(num_attention_heads or attention_head_dim, n_blocks, "attention_head_dim")
-        layers = _per_block(layers_per_block, n_blocks, "layers_per_block")
-        context_dims = _per_block(cross_attention_dim, n_blocks, "cross_attention_dim")
-        transformer_layers = _per_block(transformer_layers_per_block, n_blocks, "transformer_layers_per_block")
-        cross_only = _per_block(only_cross_attention, n_blocks, "only_cross_attention")
+        heads = per_block(num_attention_heads or attention_head_dim, n_blocks, "attention_head_dim")
+        layers = per_block(layers_per_block, n_blocks, "layers_per_block")
+        context_dims = per_block(cross_attention_dim, n_blocks, "cross_attention_dim")
+        transformer_layers = per_block(transformer_layers_per_block, n_blocks, "transformer_layers_per_block")
+        cross_only = per_block(only_cross_attention, n_blocks, "only_cross_attention")
         for channels, n_heads in zip(block_out_channels, heads):
             if channels % n_heads or channels % norm_num_groups:
                 raise ValueError(
@@ -233,29 +191,6 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=conv_out_kernel // 2)
 
     @staticmethod
-    def _check_config(options: dict[str, Any], n_blocks: int) -> None:
-        for key, allowed, values in (
-            ("down_block_types", DOWN_BLOCK_TYPES, options["down_block_types"]),
-            ("up_block_types", UP_BLOCK_TYPES, options["up_block_types"]),
-            ("mid_block_type", MID_BLOCK_TYPES, [options["mid_block_type"]]),
-            ("resnet_time_scale_shift", ("default", "scale_shift"), [options["resnet_time_scale_shift"]]),
-            ("class_embed_type", CLASS_EMBED_TYPES, [options["class_embed_type"]]),
-            ("time_cond_proj_dim", (None,), [options["time_cond_proj_dim"]]),
-        ):
-            for value in values:
-                if value not in allowed:
-                    raise _unsupported(key, value, allowed)
-        for key in ("down_block_types", "up_block_types"):
-            if len(options[key]) != n_blocks:
-                raise ValueError(
-                    f"{key} has {len(options[key])} entries but block_out_channels has {n_blocks}: they must match."
-                )
-        if isinstance(options["transformer_layers_per_block"], (list, tuple)) and any(
-            isinstance(v, (list, tuple)) for v in options["transformer_layers_per_block"]
-        ):
-            raise _unsupported("transformer_layers_per_block", options["transformer_layers_per_block"], "int per block")
-
-    @staticmethod
     def _build_class_embedding(
         class_embed_type: str | None,
         num_class_embeds: int | None,
@@ -277,12 +212,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @classmethod
     def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
         """Refuse configs that need features we do not implement, instead of silently dropping them."""
-        for key, default in FIXED_DIFFUSERS_OPTIONS.items():
-            value = kwargs.get(key, config_dict.get(key, default))
-            if value != default:
-                raise _unsupported(key, value, default)
-        config_dict = {k: v for k, v in config_dict.items() if k not in FIXED_DIFFUSERS_OPTIONS}
-        kwargs = {k: v for k, v in kwargs.items() if k not in FIXED_DIFFUSERS_OPTIONS}
+        config_dict, kwargs = drop_fixed_options(config_dict, kwargs)
         return super().extract_init_dict(config_dict, **kwargs)
 
     # ---- fused QKV projections: an inference lever; see models/attention.py for how keys stay diffusers' ------

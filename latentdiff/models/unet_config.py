@@ -1,0 +1,86 @@
+"""Which diffusers UNet2DConditionModel configs our UNet takes, and a clear error naming the key for the rest.
+
+SD-1.x/2.x configs load as they are; keys for features we do not implement (SDXL's added embeddings, dual
+cross-attention, GLIGEN, ...) are accepted only at diffusers' default value, so such a checkpoint fails loudly
+instead of loading with a part silently missing.
+"""
+
+from typing import Any
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection")
+
+# diffusers config keys we accept only at diffusers' default: any other value needs code we do not have
+# (SDXL's added embeddings, dual cross-attention, GLIGEN, ...), so loading such a config must fail loudly.
+FIXED_DIFFUSERS_OPTIONS: dict[str, Any] = {
+    "dual_cross_attention": False,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "addition_embed_type_num_heads": 64,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+}
+
+
+def per_block(value: Any, n_blocks: int, name: str) -> list:
+    """Broadcast an int/bool config value to one per block, or check a per-block list's length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_blocks:
+            raise ValueError(f"{name} has {len(value)} entries but the UNet has {n_blocks} blocks: give one per block.")
+        return list(value)
+    return [value] * n_blocks
+
+
+def _unsupported(key: str, value: Any, supported: Any) -> ValueError:
+    return ValueError(
+        f"UNet config key {key!r} = {value!r} is not supported by latentdiff's UNet2DConditionModel "
+        f"(supported: {supported}). Use diffusers' UNet2DConditionModel for this checkpoint."
+    )
+
+
+def check_config(options: dict[str, Any], n_blocks: int) -> None:
+    """Block types, time/class embedding options and per-block list lengths of a constructor call."""
+    for key, allowed, values in (
+        ("down_block_types", DOWN_BLOCK_TYPES, options["down_block_types"]),
+        ("up_block_types", UP_BLOCK_TYPES, options["up_block_types"]),
+        ("mid_block_type", MID_BLOCK_TYPES, [options["mid_block_type"]]),
+        ("resnet_time_scale_shift", ("default", "scale_shift"), [options["resnet_time_scale_shift"]]),
+        ("class_embed_type", CLASS_EMBED_TYPES, [options["class_embed_type"]]),
+        ("time_cond_proj_dim", (None,), [options["time_cond_proj_dim"]]),
+    ):
+        for value in values:
+            if value not in allowed:
+                raise _unsupported(key, value, allowed)
+    for key in ("down_block_types", "up_block_types"):
+        if len(options[key]) != n_blocks:
+            raise ValueError(
+                f"{key} has {len(options[key])} entries but block_out_channels has {n_blocks}: they must match."
+            )
+    if isinstance(options["transformer_layers_per_block"], (list, tuple)) and any(
+        isinstance(v, (list, tuple)) for v in options["transformer_layers_per_block"]
+    ):
+        raise _unsupported("transformer_layers_per_block", options["transformer_layers_per_block"], "int per block")
+
+
+def drop_fixed_options(config_dict: dict[str, Any], kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`FIXED_DIFFUSERS_OPTIONS` removed from a loaded config and its overrides, after checking each is at its default."""
+    for key, default in FIXED_DIFFUSERS_OPTIONS.items():
+        value = kwargs.get(key, config_dict.get(key, default))
+        if value != default:
+            raise _unsupported(key, value, default)
+    config_dict = {k: v for k, v in config_dict.items() if k not in FIXED_DIFFUSERS_OPTIONS}
+    kwargs = {k: v for k, v in kwargs.items() if k not in FIXED_DIFFUSERS_OPTIONS}
+    return config_dict, kwargs
