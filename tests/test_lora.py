@@ -125,13 +125,16 @@ def test_lora_resume_is_exact(tiny_pipeline_path, tmp_path):
         assert_same_weights(load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name))
 
 
-def test_resume_with_another_rank_is_refused(tiny_pipeline_path, tmp_path):
+def test_resume_with_another_rank_or_without_lora_is_refused(tiny_pipeline_path, tmp_path):
     data = write_caption_folder(tmp_path / "data", n=4)
     train(make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=1, lora_rank=2, checkpointing_steps=1))
     config = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, lora_rank=4,
                          resume_from_checkpoint="latest")  # fmt: skip
     with pytest.raises(ValueError, match=r"does not fit this run's unet adapter.*--lora_rank"):
         train(config)
+    full = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-1/unet is missing: this checkpoint holds LoRA adapters"):
+        train(full)
 
 
 def test_unknown_target_module_is_named(tiny_pipeline_path, tmp_path):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import replace_folder
 from ..models import UNet2DConditionModel
 from .ema import EMAModel
-from .lora import load_lora, save_lora
+from .lora import LORA_WEIGHT_NAME, load_lora, save_lora
 
 logger = logging.getLogger(__name__)  # messages come from the main process only
 
@@ -109,7 +109,15 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
             load_lora(input_dir, **components)
         else:
             for name, model in components.items():
-                model.load_state_dict(type(model).from_pretrained(Path(input_dir) / name).state_dict())
+                folder = Path(input_dir) / name
+                if not folder.is_dir():
+                    lora_run = (Path(input_dir) / LORA_WEIGHT_NAME).is_file()
+                    raise FileNotFoundError(
+                        f"{folder} is missing: "
+                        + ("this checkpoint holds LoRA adapters: resume it with the --lora_rank it was trained with."
+                           if lora_run else "the checkpoint is incomplete or was not written by latentdiff.")
+                    )  # fmt: skip
+                model.load_state_dict(type(model).from_pretrained(folder).state_dict())
         if ema is not None:
             path = Path(input_dir) / EMA_FILE
             if not path.is_file():
