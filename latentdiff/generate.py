@@ -127,7 +127,15 @@ def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: flo
         raise FileNotFoundError(f"--lora {lora} does not exist: give a LoRA folder, file or Hub id.")
     else:
         location, options = str(lora), {}  # a Hub id
-    pipe.load_lora_weights(location, adapter_name="lora", **options)
+    try:
+        pipe.load_lora_weights(location, adapter_name="lora", **options)
+    except (RuntimeError, ValueError, KeyError) as error:  # shapes or names that are not this model's
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        summary = next((line for line in lines if "mismatch" in line), lines[0])
+        raise ValueError(
+            f"--lora {lora} does not fit this model ({summary[:300]}). A LoRA loads on the base model it was "
+            "trained on (same UNet and text encoder sizes): pass that model as --model."
+        ) from error
     pipe.set_adapters(["lora"], adapter_weights=[scale])
 
 

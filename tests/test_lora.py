@@ -218,6 +218,13 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     assert f"error: --lora {tmp_path} holds no {LORA_FILE}" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", "./missing"]) == 2
     assert "error: --lora ./missing does not exist" in capsys.readouterr().err
+    from latentdiff.tiny import save_tiny_pipeline
+
+    other_base = save_tiny_pipeline(tmp_path / "other", unet_channels=(16, 32), text_hidden_size=16)
+    assert main(["generate", "--model", str(other_base), "--prompt", "x", "--lora", str(output_dir)]) == 2
+    error = capsys.readouterr().err
+    assert f"error: --lora {output_dir} does not fit this model (size mismatch for " in error
+    assert "Traceback" not in error
 
 
 def test_diffusers_script_lora_loads_and_mixes_with_ours(lora_run, tiny_pipeline_path, tmp_path):
