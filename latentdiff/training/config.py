@@ -14,11 +14,11 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 
 from .checkpoint import resolve_checkpoint
+from .lora import UNET_TARGET_MODULES
 
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant",
 )  # fmt: skip
-UNET_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' scripts
 LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules")  # meaningful only with --lora_rank
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 SECRET_FIELDS = ("hub_token",)  # never logged, saved, printed or written into a model card
@@ -138,7 +138,7 @@ class TrainConfig:
     )
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the adapters' input."))
     lora_target_modules: list[str] = field(
-        default_factory=lambda: list(UNET_LORA_TARGET_MODULES),
+        default_factory=lambda: list(UNET_TARGET_MODULES),
         metadata=_help("UNet modules (names or name endings) that get adapters, space- or comma-separated. With "
                        "--train_text_encoder the text encoder's attention projections get adapters too."),
     )  # fmt: skip

@@ -8,8 +8,8 @@ diffusers' `load_lora_weights` reads (keys `unet.….lora_A.weight` / `text_enco
 """
 
 import os
-from collections.abc import Sequence
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +21,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
-TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP attention, as diffusers' scripts
+UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' scripts
+TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 ADAPTER_NAME = "default"
 
 
@@ -31,9 +32,10 @@ def add_lora_adapters(
     rank: int,
     alpha: float | None = None,
     dropout: float = 0.0,
-    target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
-) -> list[nn.Parameter]:
-    r"""Attach fresh LoRA adapters to the (frozen) UNet and optionally the text encoder; return their parameters.
+    target_modules: Sequence[str] = UNET_TARGET_MODULES,
+) -> None:
+    r"""Attach fresh LoRA adapters to the (frozen) UNet and optionally the text encoder: their parameters are then
+    the only ones with `requires_grad`.
 
     The adapters are kept in fp32 whatever the frozen weights' dtype, so that fp16/bf16 runs update them at full
     precision (the base weights never change, so they can stay in half precision).
@@ -59,7 +61,6 @@ def add_lora_adapters(
         text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGET_MODULES), **settings))
         models.append(text_encoder)
     cast_training_params(models, dtype=torch.float32)
-    return [p for model in models for p in model.parameters() if p.requires_grad]
 
 
 def _lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
