@@ -133,6 +133,12 @@ def test_resume_with_another_rank_or_without_lora_is_refused(tiny_pipeline_path,
     with pytest.raises(ValueError, match=r"does not fit this run's unet adapter.*--lora_rank"):
         train(config)
     full = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest")
+    train(make_config(tiny_pipeline_path, data, tmp_path / "te", max_train_steps=1, lora_rank=2, checkpointing_steps=1,
+                      train_text_encoder=True))  # fmt: skip
+    without_text_encoder = make_config(tiny_pipeline_path, data, tmp_path / "te", max_train_steps=2, lora_rank=2,
+                                       resume_from_checkpoint="latest")  # fmt: skip
+    with pytest.raises(ValueError, match=r"holds text-encoder adapters too: resume with --train_text_encoder"):
+        train(without_text_encoder)
     with pytest.raises(FileNotFoundError, match=r"checkpoint-1/unet is missing: this checkpoint holds LoRA adapters"):
         train(full)
 

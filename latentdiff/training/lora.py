@@ -106,6 +106,10 @@ def load_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modul
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a LoRA run (--lora_rank).")
     saved = load_file(path)
+    if text_encoder is None and any(key.startswith("text_encoder.") for key in saved):
+        raise ValueError(
+            f"{path} holds text-encoder adapters too: resume with --train_text_encoder, as the run was started."
+        )
     models = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     for prefix, model in models.items():
         state_dict = {k.removeprefix(f"{prefix}."): v for k, v in saved.items() if k.startswith(f"{prefix}.")}
