@@ -132,6 +132,10 @@ def test_resume_with_another_rank_or_without_lora_is_refused(tiny_pipeline_path,
                          resume_from_checkpoint="latest")  # fmt: skip
     with pytest.raises(ValueError, match=r"does not fit this run's unet adapter.*--lora_rank"):
         train(config)
+    config = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, lora_rank=2, lora_alpha=8.0,
+                         resume_from_checkpoint="latest")  # fmt: skip
+    with pytest.raises(ValueError, match=r"was trained with --lora_alpha 2, this run has 8.0"):
+        train(config)
     full = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest")
     train(make_config(tiny_pipeline_path, data, tmp_path / "te", max_train_steps=1, lora_rank=2, checkpointing_steps=1,
                       train_text_encoder=True))  # fmt: skip

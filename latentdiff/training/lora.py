@@ -7,6 +7,7 @@ diffusers' `load_lora_weights` reads (keys `unet.….lora_A.weight` / `text_enco
 `LoraConfig` in the safetensors metadata so rank and α load exactly).
 """
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAM
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -106,6 +108,8 @@ def load_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modul
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this checkpoint was not saved by a LoRA run (--lora_rank).")
     saved = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        settings = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
     if text_encoder is None and any(key.startswith("text_encoder.") for key in saved):
         raise ValueError(
             f"{path} holds text-encoder adapters too: resume with --train_text_encoder, as the run was started."
@@ -122,4 +126,11 @@ def load_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modul
                 f"other shapes {shapes[:3]}): resume with the --lora_rank, --lora_target_modules and "
                 "--train_text_encoder the checkpoint was saved with."
             )
+        config = model.peft_config[ADAPTER_NAME]
+        for option, key in (("--lora_alpha", "lora_alpha"), ("--lora_dropout", "lora_dropout")):
+            if settings.get(f"{prefix}.{key}", getattr(config, key)) != getattr(config, key):
+                raise ValueError(
+                    f"{path} was trained with {option} {settings[f'{prefix}.{key}']}, this run has "
+                    f"{getattr(config, key)}: resume with the value the checkpoint was saved with."
+                )
         set_peft_model_state_dict(model, state_dict, adapter_name=ADAPTER_NAME)
