@@ -390,7 +390,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         else:
             self.scheduler.set_timesteps(num_inference_steps, device="cpu")
         timesteps = self.scheduler.timesteps
-        unet_timesteps = timesteps.to(device)
+        unet_timesteps = timesteps.to(device, non_blocking=True)  # pageable memory is staged before it returns
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(batch_size, height, width, self.unet.dtype, device, generator, latents)
         step_kwargs = self._step_kwargs(generator, eta)
