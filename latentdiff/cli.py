@@ -30,6 +30,7 @@ def _generate(args: argparse.Namespace) -> None:
         width=args.width,
         output_dir=args.output_dir,
         device=args.device,
+        torch_dtype=args.dtype,
         lora=args.lora,
         lora_scale=args.lora_scale,
     )
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=None)
     generate.add_argument("--output-dir", type=Path, default=Path("outputs/generated"))
     generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights' dtype (default: fp32)")
     generate.add_argument("--lora", default=None, help="LoRA adapters on top of --model: folder, .safetensors or Hub id")
     generate.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (0: the base model)")
     generate.set_defaults(handler=_generate)

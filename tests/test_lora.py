@@ -219,6 +219,8 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     base = generate("base")
     adapted = generate("lora", "--lora", str(output_dir))
     as_file = generate("file", "--lora", str(output_dir / LORA_FILE), "--lora-scale", "1.0")
+    half = generate("bf16", "--lora", str(output_dir), "--dtype", "bf16")
+    assert half.shape == adapted.shape and 0 < np.abs(half - adapted).mean() < 8  # bf16 ran: near, not equal
     off = generate("off", "--lora", str(output_dir), "--lora-scale", "0")
     assert np.abs(adapted - base).max() > 2  # 8-bit levels
     assert np.array_equal(as_file, adapted) and np.array_equal(off, base)
