@@ -244,10 +244,8 @@ class TrainConfig:
             resolve_checkpoint(self.output_dir, self.resume_from_checkpoint)  # raises FileNotFoundError
 
     def _check_lora(self) -> None:
-        if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = [self.lora_target_modules]
-        self.lora_target_modules = [name.strip() for item in self.lora_target_modules for name in item.split(",")]
-        self.lora_target_modules = [name for name in self.lora_target_modules if name]
+        items = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+        self.lora_target_modules = [name.strip() for item in items for name in item.split(",") if name.strip()]
         if self.lora_rank is None:
             defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                         for f in dataclasses.fields(self) if f.name in LORA_FIELDS}  # fmt: skip

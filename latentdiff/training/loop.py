@@ -277,22 +277,21 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         sampler = inference_scheduler(
             model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
         )
-        if lora:
-            if ema is not None:
-                ema.copy_to(trained_unet)
-            saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
-            final = LatentDiffusionPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=fresh.unet, scheduler=sampler
-            )
-            final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
+        if lora:  # the EMA averages the adapters, saved from the trained UNet; the pipeline is the base + file
+            unet, averaged = fresh.unet, trained_unet
         else:
             unet = UNet2DConditionModel.from_config(trained_unet.config)
             unet.load_state_dict(unet_state)
-            if ema is not None:
-                ema.copy_to(unet)
-            final = LatentDiffusionPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
-            )
+            averaged = unet
+        if ema is not None:
+            ema.copy_to(averaged)
+        final = LatentDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
+        )
+        if lora:
+            saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
+            final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
+        else:
             final.save_pretrained(output_dir)
             saved = output_dir
         atomic_write_text(output_dir / "training_config.json", json.dumps(config.to_dict(), indent=2))
