@@ -14,7 +14,8 @@ Each figure of issue 8, for diffusers' UNet2DConditionModel and ours, same confi
     python benchmarks/gpu.py --device cpu --tiny              # the same code on a tiny config: checks the script
 
 A variant is levers joined by '+': eager (none), compile, compile-cg (+ CUDA graphs), compile-max
-(max-autotune), channels-last, flash / cudnn / efficient / math (attention kernel), fuse-qkv, compile-vae (c, d).
+(max-autotune), channels-last, flash / cudnn / efficient / math (attention kernel), fuse-qkv, compile-vae (c, d),
+upcast-norms (ours only: autocast's float32 GroupNorm/LayerNorm, as diffusers has them; ours keeps bf16 ones).
 Times are medians of CUDA-event-timed runs after warm-up; peak is torch.cuda.max_memory_allocated over the
 variant (weights, optimizer state, activations); FLOPs are counted once per model on the meta device.
 Speed-up = diffusers' time / ours (> 1: ours is faster).
@@ -47,6 +48,7 @@ from latentdiff.acceleration import (
     count_flops,
     peak_bf16_flops,
 )
+from latentdiff.models.normalization import set_norm_upcast
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.tiny import SD_SCHEDULE
 from latentdiff.tokenizer import build_clip_tokenizer
@@ -59,9 +61,9 @@ PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 UNETS = {"diffusers": diffusers.UNet2DConditionModel, "ours": latentdiff.UNet2DConditionModel}
 COMPILE_LEVERS = {"compile": "default", "compile-cg": "reduce-overhead", "compile-max": "max-autotune"}
-LEVERS = ("eager", *COMPILE_LEVERS, "channels-last", "fuse-qkv", "compile-vae", *ATTENTION_BACKENDS)
+LEVERS = ("eager", *COMPILE_LEVERS, "channels-last", "fuse-qkv", "compile-vae", "upcast-norms", *ATTENTION_BACKENDS)
 DEFAULT_VARIANTS = {
-    "a": {"diffusers": ["eager"], "ours": ["eager", "compile"]},
+    "a": {"diffusers": ["eager"], "ours": ["eager", "eager+upcast-norms", "compile"]},
     "b": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile"]},
     "c": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile"]},
     "d": {"diffusers": ["eager"], "ours": ["eager", "compile"]},
@@ -104,6 +106,7 @@ class Variant:
     channels_last: bool = False
     fuse_qkv: bool = False
     compile_vae: bool = False
+    upcast_norms: bool = False
 
 
 def parse_variant(name: str, part: str) -> Variant:
@@ -119,10 +122,13 @@ def parse_variant(name: str, part: str) -> Variant:
     if "compile-vae" in levers and (part in ("a", "b") or not compile_modes):
         raise ValueError(f"Variant {name!r}: compile-vae goes with a compile lever, in parts c and d only.")
     return Variant(name, compile_modes[0] if compile_modes else None, backends[0] if backends else None,
-                   "channels-last" in levers, "fuse-qkv" in levers, "compile-vae" in levers)  # fmt: skip
+                   "channels-last" in levers, "fuse-qkv" in levers, "compile-vae" in levers,
+                   "upcast-norms" in levers)  # fmt: skip
 
 
 def prepare_unet(unet: torch.nn.Module, variant: Variant, compile_now: bool = True) -> torch.nn.Module:
+    if variant.upcast_norms and not set_norm_upcast(unet, True):
+        raise ValueError("upcast-norms is a lever of our UNet: diffusers' norms are autocast's float32 ones already.")
     if variant.fuse_qkv:  # both UNets have it; ours keeps diffusers' state-dict keys (to_q/k/v are views)
         unet.fuse_qkv_projections()
     if variant.channels_last:

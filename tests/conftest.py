@@ -1,6 +1,8 @@
 """Shared tiny configurations and fixtures: built once per test session, reused everywhere."""
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -68,6 +70,15 @@ def unet_inputs(config: dict, batch: int = 2, seed: int = 0, size: int | None = 
     if config.get("num_class_embeds"):
         inputs["class_labels"] = torch.arange(batch) % config["num_class_embeds"]
     return inputs
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ as a module (they are scripts, not a package: each puts its folder on sys.path)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

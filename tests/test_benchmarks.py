@@ -2,7 +2,6 @@
 CPU run, FLOP counting, and compile-readiness of our UNet (one graph, same numbers, no recompiles per timestep)."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from conftest import UNET_CONFIGS, unet_inputs
+from conftest import UNET_CONFIGS, load_benchmark, unet_inputs
 from torch import nn
 
 from latentdiff import UNet2DConditionModel
@@ -34,10 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", GPU_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu")
 
 
 @pytest.fixture(scope="module")

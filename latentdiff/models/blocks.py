@@ -12,6 +12,7 @@ from torch import nn
 
 from .activations import get_activation
 from .attention import Attention
+from .normalization import GroupNorm, LayerNorm
 
 
 class ResnetBlock2D(nn.Module):
@@ -36,10 +37,10 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.scale_shift = time_scale_shift == "scale_shift"
         self.output_scale_factor = output_scale_factor
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.act = get_activation(act_fn)
@@ -130,11 +131,11 @@ class BasicTransformerBlock(nn.Module):
     ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None, dropout, upcast)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim, dropout, upcast)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim, dropout)
 
     def forward(
@@ -172,7 +173,7 @@ class Transformer2DModel(nn.Module):
         head_dim = channels // heads
         inner = heads * head_dim
         self.use_linear_projection = use_linear_projection
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         projection = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = projection(channels, inner)
         self.transformer_blocks = nn.ModuleList(

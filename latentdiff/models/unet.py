@@ -20,6 +20,7 @@ from .activations import get_activation
 from .attention import fuse_projections, projections_fused, unfuse_projections
 from .blocks import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 from .embeddings import SinusoidalTimesteps, TimestepEmbedding
+from .normalization import GroupNorm
 from .unet_config import check_config, drop_fixed_options, per_block
 
 logger = logging.get_logger(__name__)
@@ -186,7 +187,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.num_upsamplers = n_blocks - 1
 
         # 5. output
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_act = get_activation(act_fn)
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=conv_out_kernel // 2)
 

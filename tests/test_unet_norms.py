@@ -1,0 +1,119 @@
+"""Our GroupNorm/LayerNorm under autocast: no float32 upcast of a bf16 input, numbers within bf16 tolerance.
+
+A CPU's autocast never upcasts the two norms; CUDA's does. `CudaAutocastNorms` (benchmarks/activations.py)
+applies CUDA's rule on the CPU, so these tests see what a GPU run does.
+"""
+
+import diffusers
+import pytest
+import torch
+from conftest import UNET_CONFIGS, load_benchmark, unet_inputs
+from torch import nn
+
+from latentdiff import UNet2DConditionModel
+from latentdiff.models.normalization import GroupNorm, LayerNorm, set_norm_upcast
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def activations():
+    return load_benchmark("activations")
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output.float() - reference).norm() / reference.norm()).item()
+
+
+def norm_pairs() -> list[tuple[nn.Module, nn.Module, tuple[int, ...]]]:
+    """(torch's norm, ours with the same random affine parameters, an input shape)."""
+    torch.manual_seed(0)
+    pairs = [(nn.GroupNorm(4, 16, eps=1e-6), GroupNorm(4, 16, eps=1e-6), (2, 16, 8, 8)),
+             (nn.LayerNorm(16), LayerNorm(16), (2, 10, 16))]  # fmt: skip
+    for plain, ours, _ in pairs:
+        nn.init.normal_(plain.weight, 1.0, 0.2)
+        nn.init.normal_(plain.bias, 0.0, 0.2)
+        ours.load_state_dict(plain.state_dict())
+    return pairs
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["group_norm", "layer_norm"])
+def test_bf16_input_stays_bf16_where_cuda_autocast_upcasts(activations, index):
+    plain, ours, shape = norm_pairs()[index]
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + 1).requires_grad_()
+    exact = plain(x)
+    exact.square().sum().backward()
+    exact_grads = [x.grad, plain.weight.grad, plain.bias.grad]
+    x.grad = None
+    with activations.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
+        assert plain(x.bfloat16()).dtype == torch.float32  # the emulation upcasts, as CUDA does
+        output = ours(x.bfloat16())
+    assert output.dtype == torch.bfloat16
+    assert relative_error(output, exact) < 1e-2
+    output.float().square().sum().backward()
+    grads = [x.grad, ours.weight.grad, ours.bias.grad]
+    assert [g.dtype for g in grads] == [torch.float32] * 3  # float32 parameters get float32 gradients
+    for grad, exact_grad in zip(grads, exact_grads):
+        assert relative_error(grad, exact_grad) < 2e-2
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["group_norm", "layer_norm"])
+def test_without_a_low_precision_input_it_is_torchs_norm(activations, index):
+    """No autocast, a float32 input under autocast, or `upcast=True`: bit for bit torch's norm."""
+    plain, ours, shape = norm_pairs()[index]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ours(x), plain(x))
+    assert torch.equal(ours.bfloat16()(x.bfloat16()), plain.bfloat16()(x.bfloat16()))
+    plain.float(), ours.float()
+    with activations.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(ours(x), plain(x))
+        ours.upcast = True
+        assert torch.equal(ours(x.bfloat16()), plain(x.bfloat16()))
+
+
+@pytest.mark.parametrize("name", ["sd1", "scale_shift_class"])
+def test_unet_under_autocast_is_within_bf16_tolerance_and_upcast_gives_diffusers(activations, name):
+    config = UNET_CONFIGS[name]
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel(**config)
+    ours = UNet2DConditionModel(**config)
+    ours.load_state_dict(reference.state_dict())
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        exact = reference(**inputs).sample
+        with activations.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
+            diffusers_bf16 = reference(**inputs).sample
+            ours_bf16 = ours(**inputs).sample
+            assert set_norm_upcast(ours, True) == sum(isinstance(m, (GroupNorm, LayerNorm)) for m in ours.modules())
+            ours_upcast = ours(**inputs).sample
+    diffusers_error = relative_error(diffusers_bf16, exact)
+    assert 1e-3 < diffusers_error < 2e-2  # bf16 at work, not float32
+    assert relative_error(ours_bf16, exact) < 2 * diffusers_error
+    assert torch.equal(ours_upcast, diffusers_bf16)  # upcast norms: diffusers' autocast numbers exactly
+    assert set_norm_upcast(reference, True) == 0  # diffusers' UNet holds none of ours
+
+
+def test_unet_saves_less_for_backward_and_upcast_saves_what_diffusers_saves(activations):
+    results = activations.measure(UNET_CONFIGS["sd1"], batch=2)
+    diffusers_bytes = results["diffusers"]["per_sample_bytes"]
+    assert results["ours"]["per_sample_bytes"] < 0.9 * diffusers_bytes
+    assert results["ours"]["float32_per_sample_bytes"] < 0.02 * results["diffusers"]["float32_per_sample_bytes"]
+    assert results["ours+upcast-norms"]["per_sample_bytes"] == diffusers_bytes
+    assert results["ours"]["weight_cast_bytes"] > 0
+    printed = activations.report(results, 32)
+    assert printed.splitlines()[2].startswith("ours ") and printed.count("\n") == 3
+
+
+def test_autocast_forward_compiles_as_one_graph():
+    """The autocast checks and the autocast-off block trace without a break (backward: AOTAutograd's)."""
+    config = UNET_CONFIGS["sd1"]
+    model = UNet2DConditionModel(**config)
+    inputs = unet_inputs(config)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16):
+            return model(**inputs).sample.float().square().mean()
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss)()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
