@@ -1,6 +1,6 @@
 """Our GroupNorm/LayerNorm under autocast: no float32 upcast of a bf16 input, numbers within bf16 tolerance.
 
-A CPU's autocast never upcasts the two norms; CUDA's does. `CudaAutocastNorms` (benchmarks/activations.py)
+A CPU's autocast never upcasts the two norms; CUDA's does. `CudaAutocastNorms` (benchmarks/autocast_bytes.py)
 applies CUDA's rule on the CPU, so these tests see what a GPU run does.
 """
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def activations():
-    return load_benchmark("activations")
+def autocast_bytes():
+    return load_benchmark("autocast_bytes")
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -38,14 +38,14 @@ def norm_pairs() -> list[tuple[nn.Module, nn.Module, tuple[int, ...]]]:
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["group_norm", "layer_norm"])
-def test_bf16_input_stays_bf16_where_cuda_autocast_upcasts(activations, index):
+def test_bf16_input_stays_bf16_where_cuda_autocast_upcasts(autocast_bytes, index):
     plain, ours, shape = norm_pairs()[index]
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + 1).requires_grad_()
     exact = plain(x)
     exact.square().sum().backward()
     exact_grads = [x.grad, plain.weight.grad, plain.bias.grad]
     x.grad = None
-    with activations.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
+    with autocast_bytes.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
         assert plain(x.bfloat16()).dtype == torch.float32  # the emulation upcasts, as CUDA does
         output = ours(x.bfloat16())
     assert output.dtype == torch.bfloat16
@@ -58,21 +58,21 @@ def test_bf16_input_stays_bf16_where_cuda_autocast_upcasts(activations, index):
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["group_norm", "layer_norm"])
-def test_without_a_low_precision_input_it_is_torchs_norm(activations, index):
+def test_without_a_low_precision_input_it_is_torchs_norm(autocast_bytes, index):
     """No autocast, a float32 input under autocast, or `upcast=True`: bit for bit torch's norm."""
     plain, ours, shape = norm_pairs()[index]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     assert torch.equal(ours(x), plain(x))
     assert torch.equal(ours.bfloat16()(x.bfloat16()), plain.bfloat16()(x.bfloat16()))
     plain.float(), ours.float()
-    with activations.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
+    with autocast_bytes.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(ours(x), plain(x))
         ours.upcast = True
         assert torch.equal(ours(x.bfloat16()), plain(x.bfloat16()))
 
 
 @pytest.mark.parametrize("name", ["sd1", "scale_shift_class"])
-def test_unet_under_autocast_is_within_bf16_tolerance_and_upcast_gives_diffusers(activations, name):
+def test_unet_under_autocast_is_within_bf16_tolerance_and_upcast_gives_diffusers(autocast_bytes, name):
     config = UNET_CONFIGS[name]
     torch.manual_seed(0)
     reference = diffusers.UNet2DConditionModel(**config)
@@ -81,7 +81,7 @@ def test_unet_under_autocast_is_within_bf16_tolerance_and_upcast_gives_diffusers
     inputs = unet_inputs(config)
     with torch.no_grad():
         exact = reference(**inputs).sample
-        with activations.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
+        with autocast_bytes.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
             diffusers_bf16 = reference(**inputs).sample
             ours_bf16 = ours(**inputs).sample
             assert set_norm_upcast(ours, True) == sum(isinstance(m, (GroupNorm, LayerNorm)) for m in ours.modules())
@@ -93,15 +93,18 @@ def test_unet_under_autocast_is_within_bf16_tolerance_and_upcast_gives_diffusers
     assert set_norm_upcast(reference, True) == 0  # diffusers' UNet holds none of ours
 
 
-def test_unet_saves_less_for_backward_and_upcast_saves_what_diffusers_saves(activations):
-    results = activations.measure(UNET_CONFIGS["sd1"], batch=2)
-    diffusers_bytes = results["diffusers"]["per_sample_bytes"]
-    assert results["ours"]["per_sample_bytes"] < 0.9 * diffusers_bytes
-    assert results["ours"]["float32_per_sample_bytes"] < 0.02 * results["diffusers"]["float32_per_sample_bytes"]
-    assert results["ours+upcast-norms"]["per_sample_bytes"] == diffusers_bytes
-    assert results["ours"]["weight_cast_bytes"] > 0
-    printed = activations.report(results, 32)
-    assert printed.splitlines()[2].startswith("ours ") and printed.count("\n") == 3
+def test_unet_keeps_and_moves_fewer_bytes_and_upcast_keeps_what_diffusers_keeps(autocast_bytes):
+    results = autocast_bytes.measure(UNET_CONFIGS["sd1"])
+    diffusers_sample, ours_sample = results["diffusers"]["per_sample"], results["ours"]["per_sample"]
+    upcast_sample = results["ours+upcast-norms"]["per_sample"]
+    assert ours_sample["saved"] < 0.9 * diffusers_sample["saved"]
+    assert ours_sample["saved_float32"] < 0.02 * diffusers_sample["saved_float32"]
+    assert upcast_sample["saved"] == diffusers_sample["saved"]
+    assert ours_sample["moved_memory_bound"] < 0.7 * diffusers_sample["moved_memory_bound"]
+    assert ours_sample["moved_matrix"] == diffusers_sample["moved_matrix"]  # the same products, in bf16
+    assert results["ours"]["per_step"]["saved"] > 0  # the weights' bf16 copies: once a step, not per sample
+    printed = autocast_bytes.report(results, 32).splitlines()
+    assert [line.split()[0] for line in printed[2:]] == ["diffusers", "ours", "ours+upcast-norms"]
 
 
 def test_autocast_forward_compiles_as_one_graph():
