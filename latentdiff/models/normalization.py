@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class _AutocastDtypeNorm:
     """What the two norms share: when to skip the float32 upcast, and how."""
 
@@ -24,8 +27,10 @@ class _AutocastDtypeNorm:
 
     def _low_precision_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The autocast dtype when `x` is already in it (and the upcast is not asked for), else None."""
+        if self.upcast or x.dtype not in _LOW_PRECISION:  # the cheap checks first: this runs for every norm call
+            return None
         device = x.device.type
-        if self.upcast or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
             return None
         dtype = torch.get_autocast_dtype(device)
         return dtype if x.dtype == dtype else None
