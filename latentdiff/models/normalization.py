@@ -21,9 +21,16 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class _AutocastDtypeNorm:
-    """What the two norms share: when to skip the float32 upcast, and how."""
+    """What the two norms share: when to skip the float32 upcast, and how (the subclass says which norm)."""
 
     upcast: bool = False  # True: leave the norm to autocast's float32 rule (per instance: `set_norm_upcast`)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._low_precision_dtype(x)
+        if dtype is None:
+            return super().forward(x)  # torch's norm, under autocast's rules
+        with torch.autocast(x.device.type, enabled=False):
+            return self._normalize(x, _cast(self.weight, dtype), _cast(self.bias, dtype))
 
     def _low_precision_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The autocast dtype when `x` is already in it (and the upcast is not asked for), else None."""
@@ -41,22 +48,13 @@ def _cast(parameter: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
 
 
 class GroupNorm(_AutocastDtypeNorm, nn.GroupNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._low_precision_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype), self.eps)
+    def _normalize(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
 class LayerNorm(_AutocastDtypeNorm, nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._low_precision_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            weight, bias = _cast(self.weight, dtype), _cast(self.bias, dtype)
-            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+    def _normalize(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def set_norm_upcast(model: nn.Module, upcast: bool) -> int:
