@@ -65,7 +65,7 @@ LEVERS = ("eager", *COMPILE_LEVERS, "channels-last", "fuse-qkv", "compile-vae", 
 DEFAULT_VARIANTS = {
     "a": {"diffusers": ["eager"], "ours": ["eager", "eager+upcast-norms", "compile"]},
     "b": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile"]},
-    "c": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile"]},
+    "c": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile", "compile-cg+compile-vae"]},  # the target
     "d": {"diffusers": ["eager"], "ours": ["eager", "compile"]},
 }
 CPU_VARIANTS = {"diffusers": ["eager"], "ours": ["eager"]}  # inductor's C++ build takes minutes on a CPU
