@@ -410,6 +410,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     noise_pred = classifier_free_guidance(noise_uncond, noise_cond, self.guidance_scale)
                     if guidance_rescale > 0:
                         noise_pred = rescale_guidance(noise_pred, noise_cond, guidance_rescale)
+                else:  # a CUDA-graph UNet (compile "reduce-overhead") rewrites this buffer next step; PNDM keeps ε
+                    noise_pred = noise_pred.clone()
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]  # x_{t-1}
 
                 if callback_on_step_end is not None:
