@@ -79,7 +79,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
+def train_in_two_processes(tiny_pipeline_path: Path, tmp_path: Path, *options: str) -> tuple[list[dict], Path]:
+    """The train script under torchrun (2 processes, 4 steps, checkpoints every 2): each rank's record, output dir."""
     data = write_caption_folder(tmp_path / "data", n=12)
     output_dir, results = tmp_path / "out", tmp_path / "results"
     results.mkdir()
@@ -91,13 +92,19 @@ def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
         "--pretrained_model_name_or_path", str(tiny_pipeline_path), "--train_data_dir", str(data),
         "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "cache"), "--resolution", "32",
         "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "0",
-        "--random_flip", "--lr_warmup_steps", "0", "--report_to", "tensorboard",
-        "--validation_prompts", "a red square", "--validation_epochs", "1", "--validation_inference_steps", "2",
+        "--lr_warmup_steps", "0", *options,
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)], output_dir
+
+
+def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
+    ranks, output_dir = train_in_two_processes(
+        tiny_pipeline_path, tmp_path, "--random_flip", "--report_to", "tensorboard",
+        "--validation_prompts", "a red square", "--validation_epochs", "1", "--validation_inference_steps", "2",
+    )  # fmt: skip
 
     # identical final weights on both ranks, and they are what was saved
     assert ranks[0]["weights"] == ranks[1]["weights"]
@@ -133,6 +140,23 @@ def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
     assert ["save_file", "unet/diffusion_pytorch_model.safetensors"] in ranks[0]["writes"]
     assert (output_dir / "checkpoint-4" / "random_states_1.pkl").is_file()
     assert sorted(p.name for p in (output_dir / "checkpoint-4").iterdir() if p.is_dir()) == ["unet"]  # the DDP-wrapped UNet
+
+
+def test_two_processes_train_lora_adapters(tiny_pipeline_path, tmp_path):
+    """LoRA under DDP: the ranks end with the same weights (frozen base, synchronized adapters); rank 0 saves the
+    adapter file, in the run's folder and in each checkpoint, and no full UNet."""
+    ranks, output_dir = train_in_two_processes(tiny_pipeline_path, tmp_path, "--lora_rank", "4",
+                                               "--learning_rate", "1e-3")  # fmt: skip
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    adapters = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert adapters and all(".lora_A." in key or ".lora_B." in key for key in adapters)
+    assert any(tensor.abs().max() > 0 for key, tensor in adapters.items() if ".lora_B." in key)  # B starts at 0
+    assert not (output_dir / "unet").exists()
+    assert sorted(p.name for p in (output_dir / "checkpoint-4").iterdir() if p.suffix == ".safetensors") == [
+        "pytorch_lora_weights.safetensors"
+    ]
+    for event, path in ranks[1]["writes"]:
+        assert Path(path).parts[0].startswith(".tmp-checkpoint-"), (event, path)
 
 
 def test_accelerate_configs_load():
