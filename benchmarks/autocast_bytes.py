@@ -14,7 +14,7 @@ Each count is split into a per-sample part (activations: linear in the batch) an
 gradient sums) by counting at batch b and 2b; "at batch N" is N × per sample + per step.
 
     python benchmarks/autocast_bytes.py                                   # small config (seconds)
-    python benchmarks/autocast_bytes.py --config sd15 --json out.json     # SD-1.5, 64×64 latents (~6 min, 20 GB RAM)
+    python benchmarks/autocast_bytes.py --config sd15 --json out.json     # SD-1.5, 64×64 latents (~2 min, 10 GB RAM)
 """
 
 import argparse
