@@ -77,10 +77,22 @@ def _resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[torch_dtype]
 
 
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to generate on (default: CUDA, else MPS, else CPU); a clear error for one that is not here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {device!r}: use cpu, cuda, cuda:1 or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {str(device)!r}: no CUDA GPU is available to this torch ({torch.__version__}); "
+                         "use cpu.")  # fmt: skip
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"Device {str(device)!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"Device {str(device)!r}: MPS is not available here; use cpu.")
+    return device
 
 
 def _slug(text: str, max_length: int = 40) -> str:
@@ -181,12 +193,13 @@ def generate_images(
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
     _scheduler_entry(scheduler)  # fail before the (slow) model load
+    device = _resolve_device(device)
     if not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
     pipe = LatentDiffusionPipeline.from_pretrained(model, torch_dtype=_resolve_dtype(torch_dtype))
     if lora is not None:
         load_lora(pipe, lora, lora_scale)
-    pipe = pipe.to(device or _default_device())
+    pipe = pipe.to(device)
     set_scheduler(pipe, scheduler)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

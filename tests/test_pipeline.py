@@ -393,7 +393,9 @@ def test_generate_images_writes_pngs_and_a_grid(tiny_pipeline_path, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(scheduler="plms"), "Unknown scheduler 'plms'"), (dict(torch_dtype="fp8"), "Unknown torch_dtype 'fp8'"),
-     (dict(prompts="a cat"), "non-empty list of strings")],
+     (dict(prompts="a cat"), "non-empty list of strings"), (dict(device="gpu"), "Unknown device 'gpu': use cpu"),
+     pytest.param(dict(device="cuda"), "Device 'cuda': no CUDA GPU is available",
+                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"))],
 )  # fmt: skip
 def test_generate_images_rejects_bad_arguments(tiny_pipeline_path, tmp_path, kwargs, match):
     kwargs = {"prompts": PROMPTS, **kwargs}
