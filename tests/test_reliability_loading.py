@@ -91,6 +91,10 @@ ARGUMENT_CASES = {
     "missing data folder": (["--train_data_dir", "{root}/nothing"], r"--train_data_dir .*nothing is not a folder"),
     "wrong caption column": (["--caption_column", "caption"], r"caption column 'caption' .* columns are \['image', 'text'\]"),
 }  # fmt: skip
+if not torch.cuda.is_available():  # the suite's machines: Accelerate has no fp16 autocast on a CPU
+    ARGUMENT_CASES["fp16 on a CPU"] = (["--mixed_precision", "fp16"], r"--mixed_precision fp16 needs a GPU.*bf16 or no")
+if importlib.util.find_spec("bitsandbytes") is None:
+    ARGUMENT_CASES["8-bit Adam, no bitsandbytes"] = (["--use_8bit_adam"], r"--use_8bit_adam needs bitsandbytes: pip")
 
 
 @pytest.mark.parametrize("case", sorted(ARGUMENT_CASES))

@@ -241,6 +241,47 @@ def test_config_from_command_line_and_files(tmp_path):
         parse_train_args(argv + ["--mixed_precision", "fp8"])
 
 
+def test_config_file_then_flags_that_override_it(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "pretrained_model_name_or_path: org/model\ntrain_data_dir: data\nmixed_precision: no\nresolution: 256\n"
+        "validation_prompts: [a cat]\nseed: 3\nlogging_dir: -logs\n"
+    )
+    config = parse_train_args([str(tmp_path / "base.yaml"), "--output_dir", "run2", "--resolution", "512"])
+    assert (config.output_dir, config.resolution, config.seed) == ("run2", 512, 3)  # the later value wins
+    assert config.mixed_precision == "no"  # YAML reads a bare `no` as False
+    assert config.validation_prompts == ["a cat"] and config.logging_dir == "-logs"  # a value, not a flag
+
+
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        ("train_data_dir: data\nbogus_key: 3\n", ValueError, r"unknown option\(s\) \['bogus_key'\]"),
+        ("resolution: [32\n", ValueError, r"c.yaml is not valid YAML: .*line 2"),
+        ("- resolution\n- 32\n", ValueError, r"must map option names to values .* got a list"),
+        ("pretrained_model_name_or_path: m\ntrain_data_dir: {a: 1}\n", ValueError, r"train_data_dir must be a string"),
+    ],
+)  # fmt: skip
+def test_config_file_errors_name_the_file_and_key(tmp_path, text, error, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(error, match=message):
+        parse_train_args([str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train_data_dir: data\n", "the following arguments are required: --pretrained_model_name_or_path"),
+        ("pretrained_model_name_or_path: m\ntrain_data_dir: d\nresolution: abc\n", "invalid int value: 'abc'"),
+        ("pretrained_model_name_or_path: m\ntrain_data_dir: d\nmixed_precision: fp8\n", "invalid choice: 'fp8'"),
+    ],
+)  # fmt: skip
+def test_config_file_values_are_checked_like_flags(tmp_path, capsys, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args([str(tmp_path / "c.yaml")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "overrides, error, message",
     [

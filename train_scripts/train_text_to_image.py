@@ -3,8 +3,9 @@
 
 The arguments are those of diffusers' examples/text_to_image/train_text_to_image.py (plus --caption_dropout,
 --cache_latents, --train_text_encoder, --unet_config, ...), generated from `latentdiff.training.TrainConfig`;
-a single .yaml/.json path instead of flags reads them from that file. Runs with `python` too (one process),
-and with `torchrun --nproc_per_node N` (data-parallel, also on CPUs). See docs/training.md.
+a .yaml/.json path as the first argument reads them from that file (flags after it override it). Runs with
+`python` too (one process), and with `torchrun --nproc_per_node N` (data-parallel, also on CPUs). See
+docs/training.md.
 
 It is `latentdiff train`: a bad argument, file or model ends the run with one `error: ...` line (exit status 2)
 instead of a traceback.

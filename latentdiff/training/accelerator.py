@@ -59,6 +59,11 @@ def cpu_only_distributed() -> bool:
 
 def check_distributed_support(config: TrainConfig, accelerator: Accelerator) -> None:
     """Refuse the combinations whose cost or semantics we do not handle, before any work is done."""
+    if config.mixed_precision == "fp16" and not accelerator.native_amp:
+        raise ValueError(
+            f"--mixed_precision fp16 needs a GPU: on {accelerator.device.type} Accelerate has no fp16 autocast, so "
+            "the half-precision VAE and text encoder would feed a float32 UNet. Use --mixed_precision bf16 or no."
+        )
     if accelerator.distributed_type == DistributedType.FSDP and (config.use_ema or config.validation_prompts):
         raise ValueError(
             "With FSDP the UNet's weights are sharded over the processes, so --use_ema and --validation_prompts "

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 
 from .checkpoint import resolve_checkpoint
+from .config_file import CONFIG_SUFFIXES, config_file_flags
 from .lora import UNET_TARGET_MODULES
 
 LR_SCHEDULERS = (
@@ -282,20 +283,17 @@ class TrainConfig:
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    r"""Build a `TrainConfig` from command-line arguments, or from one `.yaml`/`.yml`/`.json` file.
+    r"""Build a `TrainConfig` from command-line arguments, which may start with a `.yaml`/`.yml`/`.json` file.
+
+    The file's options come first and the flags after it override them (`config_file.py`).
 
     Args:
-        argv (`list[str]`, *optional*): The arguments, e.g. `["--pretrained_model_name_or_path", "x", ...]` or
-            `["config.yaml"]`; defaults to `sys.argv[1:]`.
+        argv (`list[str]`, *optional*): The arguments, e.g. `["--pretrained_model_name_or_path", "x", ...]`,
+            `["config.yaml"]` or `["config.yaml", "--output_dir", "run2"]`; defaults to `sys.argv[1:]`.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
+        argv = config_file_flags(argv[0], TrainConfig) + argv[1:]
     parser = HfArgumentParser(TrainConfig, description="Fine-tune a latent text-to-image diffusion model.")
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"Training config file {path} does not exist.")
-        parse = parser.parse_json_file if path.suffix == ".json" else parser.parse_yaml_file
-        (config,) = parse(path.resolve())
-        return config
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     return config

@@ -74,8 +74,10 @@ def build_optimizer(
     if config.use_8bit_adam:
         try:
             import bitsandbytes
-        except ImportError:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only).") from None
+        except ImportError:  # a ModuleNotFoundError whatever the cause: the CLI's one-line error for a missing extra
+            raise ModuleNotFoundError(
+                "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)."
+            ) from None
         optimizer_class, options = bitsandbytes.optim.AdamW8bit, {}
     return optimizer_class(
         params,

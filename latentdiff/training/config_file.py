@@ -1,0 +1,72 @@
+"""A training config file (YAML or JSON) turned into command-line flags.
+
+Going through the flags gives a file the command line's type conversion, choices and required-option checks,
+with the same one-line errors, and lets flags after the file override it (`train.py base.yaml --output_dir run2`:
+one base file for several runs; the later value wins, as on any command line).
+"""
+
+import json
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def config_file_flags(path: str | Path, config_class: type) -> list[str]:
+    r"""The flags that a YAML/JSON file of `config_class` option names and values stands for.
+
+    Args:
+        path (`str` or `Path`): The file: a mapping of option names (as in `--help`, without `--`) to values.
+        config_class (`type`): The dataclass the flags are for (`TrainConfig`): its fields are the known options.
+
+    Raises:
+        `FileNotFoundError`: No such file. `ValueError`: Not valid YAML/JSON, not a mapping, an unknown option
+            name, or a value that is not a string, number, boolean or list.
+    """
+    path = Path(path)
+    options = _read_mapping(path)
+    types = typing.get_type_hints(config_class)
+    if unknown := sorted(set(options) - {field.name for field in fields(config_class)}):
+        raise ValueError(
+            f"Training config file {path}: unknown option(s) {unknown}. The keys are the options of --help "
+            "without the leading --."
+        )
+    flags = []
+    for name, value in options.items():
+        if value is None or value == []:
+            continue  # the option's default
+        if isinstance(value, bool) and types[name] is not bool:
+            value = "yes" if value else "no"  # YAML reads a bare no/yes/off/on as a boolean: `mixed_precision: no`
+        if isinstance(value, bool):
+            flags.append(f"--{name}={'true' if value else 'false'}")
+        elif isinstance(value, (str, int, float)):
+            flags.append(f"--{name}={value}")  # `=`: a value that starts with '-' stays a value
+        elif isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+            flags += [f"--{name}", *map(str, value)]
+        else:
+            raise ValueError(
+                f"Training config file {path}: {name} must be a string, number, boolean or list of them, got {value!r}."
+            )
+    return flags
+
+
+def _read_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"Training config file {path} does not exist.")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text(encoding="utf-8")
+        options = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"Training config file {path} is not valid {kind}: {' '.join(str(error).split())}") from None
+    if options is None:  # an empty file: every option at its default
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"Training config file {path} must map option names to values (`resolution: 512`), "
+            f"got a {type(options).__name__}."
+        )
+    return options
