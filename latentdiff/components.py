@@ -6,14 +6,17 @@ A Stable Diffusion checkpoint is a folder with ``vae/``, ``text_encoder/``, ``to
 the caller opts in to pickle files, which can run arbitrary code when unpickled.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from huggingface_hub import snapshot_download
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .hub import as_hub_id
 from .models import UNet2DConditionModel
 
 PIPELINE_FOLDERS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -49,6 +52,18 @@ def _hub_patterns(variant: str | None, allow_pickle: bool) -> tuple[list[str], l
 
 def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
     """Refuse a folder whose model weights are missing or only in pickle formats (unless `allow_pickle`)."""
+    incomplete = any(not (folder / sub).is_dir() for sub in WEIGHT_FOLDERS)
+    if incomplete and (folder / LORA_WEIGHT_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} holds LoRA adapters, not a model: load its base model with the adapters on top "
+            f"(latentdiff generate --model BASE --lora {folder}; in Python pipe.load_lora_weights)."
+        )
+    if incomplete and re.fullmatch(r"checkpoint-\d+", folder.name):
+        raise FileNotFoundError(
+            f"{folder} is a training checkpoint (resume it with --resume_from_checkpoint), not a pipeline: sample "
+            "from the run's output folder, or put its UNet into the base pipeline: LatentDiffusionPipeline."
+            f"from_pretrained(BASE, unet=UNet2DConditionModel.from_pretrained('{folder / 'unet'}'))."
+        )
     for sub in WEIGHT_FOLDERS:
         path = folder / sub
         if not path.is_dir():
@@ -97,6 +112,11 @@ def resolve_model_folder(
         )  # fmt: skip
     if path.is_dir():
         folder = path
+    elif as_hub_id(str(pretrained_model_name_or_path)) is None:  # a path, not a repo id: the Hub cannot have it
+        raise FileNotFoundError(
+            f"{str(pretrained_model_name_or_path)!r} does not exist: give a diffusers pipeline folder (model_index.json, "
+            "unet/, vae/, ...) or a Hub id such as org/name."
+        )
     else:
         allow, ignore = _hub_patterns(variant, allow_pickle)
         try:

@@ -4,6 +4,7 @@ Each image has its own seed (`seed + k` for the k-th image overall), drawn on th
 reproducible on any device and whatever batch it was generated in.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from diffusers import (
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from PIL import Image
 
-from latentdiff.hub import as_hub_id
+from latentdiff.hub import as_hub_id, reaching_the_hub
 from latentdiff.pipelines import LatentDiffusionPipeline
 
 # Short name → (scheduler class, config overrides). Each is built with `from_config(pipe.scheduler.config)`,
@@ -125,7 +126,7 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: float = 1.0) -> None:
     """Load LoRA adapters (folder, Hub id, or `.safetensors` file) into `pipe` at strength `scale`."""
-    path = Path(lora)
+    path, hub_id = Path(lora), None
     if path.is_file():
         location, options = str(path.parent), {"weight_name": path.name}
     elif path.is_dir():
@@ -135,20 +136,34 @@ def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: flo
                 "or the .safetensors file itself."
             )
         location, options = str(path), {}
-    elif as_hub_id(str(lora)) is None:
+    elif (hub_id := as_hub_id(str(lora))) is None:
         raise FileNotFoundError(f"--lora {lora} does not exist: give a LoRA folder, file or Hub id.")
     else:
-        location, options = str(lora), {}  # a Hub id
+        location, options = hub_id, {}
     try:
-        pipe.load_lora_weights(location, adapter_name="lora", **options)
+        with reaching_the_hub(f"download the LoRA {hub_id}") if hub_id else contextlib.nullcontext():
+            pipe.load_lora_weights(location, adapter_name="lora", **options)
     except (RuntimeError, ValueError, KeyError) as error:  # shapes or names that are not this model's
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        summary = next((line for line in lines if "mismatch" in line), lines[0])
         raise ValueError(
-            f"--lora {lora} does not fit this model ({summary[:300]}). A LoRA loads on the base model it was "
-            "trained on (same UNet and text encoder sizes): pass that model as --model."
+            f"--lora {lora} does not fit this model ({_summary(error, prefer='mismatch')}). A LoRA loads on the base "
+            "model it was trained on (same UNet and text encoder sizes): pass that model as --model."
+        ) from error
+    except OSError as error:  # no network, no such Hub repo, or a local file that is no LoRA weights file
+        if hub_id:
+            raise FileNotFoundError(
+                f"--lora {lora} is no local folder or file, and the Hub did not give it: {_summary(error)}"
+            ) from error
+        raise ValueError(
+            f"--lora {lora} is not a LoRA weights file ({_summary(error)}): give the output folder of a LoRA run "
+            f"(--lora_rank) or its {LORA_WEIGHT_NAME}."
         ) from error
     pipe.set_adapters(["lora"], adapter_weights=[scale])
+
+
+def _summary(error: Exception, prefer: str = "") -> str:
+    """One line of a (possibly multi-line) error: the first line mentioning `prefer`, else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return next((line for line in lines if prefer and prefer in line), lines[0])[:300]
 
 
 def generate_images(

@@ -5,14 +5,17 @@ data set) and a body with usage, validation images and the training hyperparamet
 `huggingface_hub` only; nothing here writes or logs them.
 """
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from .atomic import atomic_write_text
 
@@ -26,6 +29,26 @@ CARD_HYPERPARAMETERS = (
     "snr_gamma", "noise_offset", "input_perturbation", "caption_dropout", "prediction_type", "train_text_encoder",
     "lora_rank", "lora_alpha", "lora_target_modules", "seed",
 )  # fmt: skip
+
+
+# No network, DNS or proxy: huggingface_hub raises its HTTP client's error, the base class of its own
+# HfHubHTTPError. httpx's (huggingface_hub ≥ 1) is no OSError; requests' (before) already was one.
+_CLIENT_ERROR = HfHubHTTPError.__mro__[1]
+
+
+@contextlib.contextmanager
+def reaching_the_hub(action: str) -> Iterator[None]:
+    """Inside: a Hub request that could not be made becomes a `ConnectionError` saying what it was for (the
+    command line's one-line error). An answer of the Hub (401, 404, ...) passes through with its own message."""
+    try:
+        yield
+    except HfHubHTTPError:
+        raise
+    except _CLIENT_ERROR as error:
+        raise ConnectionError(
+            f"Could not reach the Hub to {action} ({type(error).__name__}: {error}): check the network, a proxy or "
+            "HF_ENDPOINT."
+        ) from error
 
 
 def as_hub_id(name: str | None) -> str | None:
@@ -113,7 +136,8 @@ def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:
 
 def create_hub_repo(repo_id: str, token: str | None = None) -> str:
     """Create the model repo if needed (done before training, so a bad token fails in seconds); returns its id."""
-    return HfApi(token=token).create_repo(repo_id, exist_ok=True).repo_id
+    with reaching_the_hub(f"create the repo {repo_id}"):
+        return HfApi(token=token).create_repo(repo_id, exist_ok=True).repo_id
 
 
 def push_to_hub(
@@ -132,13 +156,16 @@ def push_to_hub(
         `str`: The repo id (with the namespace the Hub resolved).
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: push the output folder of a training run.")
     if not any((folder / name).is_file() for name in ("model_index.json", LORA_WEIGHT_NAME)):
         raise FileNotFoundError(
             f"{folder} has no model_index.json nor {LORA_WEIGHT_NAME}: push a saved pipeline or LoRA folder."
         )
     repo_id = create_hub_repo(repo_id, token=token)
-    HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=folder, commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE
-    )
+    with reaching_the_hub(f"upload {folder} to {repo_id}"):
+        HfApi(token=token).upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE
+        )
     logger.info(f"Uploaded {folder} to the Hub repo {repo_id}")
     return repo_id

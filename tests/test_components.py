@@ -48,9 +48,25 @@ def test_missing_part_is_named(tiny_pipeline_path, tmp_path):
         load_components(folder)
 
 
-@pytest.mark.parametrize("name", ["no-such-org/no-such-model", "./not/a/folder/nor/an/id"])
-def test_unreachable_hub_id_gives_one_clear_error(name, tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a local folder, and the Hub could not be reached"):
+def test_lora_and_checkpoint_folders_say_how_to_sample_from_them(tiny_pipeline_path, tmp_path):
+    lora = tmp_path / "my-lora"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"my-lora holds LoRA adapters, not a model: .*--model BASE --lora"):
+        load_components(lora)
+    checkpoint = tmp_path / "run" / "checkpoint-20"
+    shutil.copytree(tiny_pipeline_path / "unet", checkpoint / "unet")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-20 is a training checkpoint .* unet=UNet2DConditionModel"):
+        load_components(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("no-such-org/no-such-model", "is not a local folder, and the Hub could not be reached"),
+     ("./not/a/folder/nor/an/id", "'./not/a/folder/nor/an/id' does not exist: give a diffusers pipeline folder")],
+)  # fmt: skip
+def test_missing_folder_or_unreachable_hub_id_gives_one_clear_error(name, message, tmp_path):
+    with pytest.raises(FileNotFoundError, match=message):
         load_components(name, cache_dir=tmp_path, local_files_only=True)
 
 

@@ -147,3 +147,17 @@ def test_lora_run_pushes_the_adapters_and_a_lora_card(fake_hub, tiny_pipeline_pa
     card = hub.received["README.md"].decode()
     assert "lora" in yaml.safe_load(card.split("---")[1])["tags"]
     assert f'from_pretrained("{tiny_pipeline_path}"' in card and 'pipeline.load_lora_weights("me/tiny-lora")' in card
+
+
+def test_push_without_a_reachable_hub_is_one_line(tiny_pipeline_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from latentdiff.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert main(["push", str(tiny_pipeline_path), "--repo-id", "me/tiny", "--token", "hf_not_a_real_token"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: Could not reach the Hub to create the repo me/tiny (") and "Traceback" not in error
+    assert "hf_not_a_real_token" not in error
+    assert main(["push", str(tiny_pipeline_path / "nothing-here"), "--repo-id", "me/tiny"]) == 2
+    assert "nothing-here is not a folder: push the output folder of a training run" in capsys.readouterr().err

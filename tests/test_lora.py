@@ -230,6 +230,10 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     assert f"error: --lora {tmp_path} holds no {LORA_FILE}" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", "./missing"]) == 2
     assert "error: --lora ./missing does not exist" in capsys.readouterr().err
+    (tmp_path / "not-lora.safetensors").write_bytes(b"junk")
+    assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora",
+                 str(tmp_path / "not-lora.safetensors")]) == 2  # fmt: skip
+    assert "not-lora.safetensors is not a LoRA weights file (" in capsys.readouterr().err
     from latentdiff.tiny import save_tiny_pipeline
 
     other_base = save_tiny_pipeline(tmp_path / "other", unet_channels=(16, 32), text_hidden_size=16)
@@ -237,6 +241,20 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     error = capsys.readouterr().err
     assert f"error: --lora {output_dir} does not fit this model (size mismatch for " in error
     assert "Traceback" not in error
+
+
+def test_lora_name_that_is_no_path_and_an_unreachable_hub_is_one_line(tiny_pipeline_path, monkeypatch, capsys):
+    """A mistyped run folder (no ./) reads as a Hub id; with the Hub unreachable that is one error line."""
+    import huggingface_hub
+
+    from latentdiff.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    argv = ["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", "sd-naruto-lra"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "error: --lora sd-naruto-lra is no local folder or file, and the Hub did not give it: Could not reach " \
+        "the Hub to download the LoRA sd-naruto-lra" in error and "Traceback" not in error  # fmt: skip
 
 
 def test_diffusers_script_lora_loads_and_mixes_with_ours(lora_run, tiny_pipeline_path, tmp_path):

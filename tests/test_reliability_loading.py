@@ -78,7 +78,7 @@ ARGUMENT_CASES = {
     "resolution 36": (["--resolution", "36"], r"--resolution must be a positive multiple of 8, got 36"),
     "missing checkpoint": (["--resume_from_checkpoint", "checkpoint-7"], r"checkpoint-7 does not exist"),
     "output_dir is a file": (["--output_dir", "{root}/a-file"], r"--output_dir .*a-file is a file"),
-    "no such model folder": (["--pretrained_model_name_or_path", "./no/such/model"], r"'./no/such/model' is not a local folder"),
+    "no such model folder": (["--pretrained_model_name_or_path", "./no/such/model"], r"'./no/such/model' does not exist: give a diffusers pipeline folder"),
     "single-file checkpoint": (["--pretrained_model_name_or_path", "{root}/model.ckpt"],
                                r"model.ckpt is a single file.*diffusers folder.*pickle"),
     ".bin weights": (["--pretrained_model_name_or_path", "{root}/bin"], r"unet holds only pickle weights.*--allow_pickle"),
