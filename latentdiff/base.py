@@ -91,7 +91,7 @@ def build_vae_stage(data: EmojiDataset, config: BaseConfig, work_dir: Path) -> t
             (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         logger.info("VAE: %.2f dB PSNR on held-out images after %d steps (%d s)", psnr, vae_config.steps, seconds)
     stats = json.loads((folder / "stats.json").read_text())
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32), stats
+    return AutoencoderKL.from_pretrained(folder, dtype=torch.float32), stats
 
 
 def build_init_stage(vae: AutoencoderKL, config: BaseConfig, work_dir: Path) -> Path:
@@ -168,7 +168,7 @@ def build_base(data: EmojiDataset, config: BaseConfig | None = None, out_dir: Pa
         stats_file.write_text(json.dumps(dict(steps=config.unet_steps, seconds=round(time.perf_counter() - start))))
     unet_stats = json.loads(stats_file.read_text())
 
-    pipeline = LatentDiffusionPipeline.from_pretrained(trained, torch_dtype=torch.float32)
+    pipeline = LatentDiffusionPipeline.from_pretrained(trained, dtype=torch.float32)
     info = dict(command=REBUILD_COMMAND, config=asdict(config), vae=vae_stats, unet=unet_stats,
                 num_train_images=data.num_train, num_heldout_images=data.num_heldout,
                 torch=torch.__version__, torch_threads=torch.get_num_threads())  # fmt: skip
@@ -197,7 +197,7 @@ def load_base(base_dir: Path | None = None) -> Path:
             digest.update(path.relative_to(base_dir).as_posix().encode() + path.read_bytes())
     fp32_dir = cache_dir() / f"base-fp32-{digest.hexdigest()[:12]}"
     if not (fp32_dir / "model_index.json").is_file():
-        pipeline = LatentDiffusionPipeline.from_pretrained(base_dir, torch_dtype=torch.float32)
+        pipeline = LatentDiffusionPipeline.from_pretrained(base_dir, dtype=torch.float32)
         with atomic_dir(fp32_dir) as tmp:
             pipeline.save_pretrained(tmp)
             shutil.copy(base_dir / BUILD_INFO, tmp / BUILD_INFO)

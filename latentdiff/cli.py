@@ -17,6 +17,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsErro
 def _generate(args: argparse.Namespace) -> None:
     from .generate import generate_images
 
+    if args.lora_scale is not None and args.lora is None:
+        raise ValueError("--lora-scale sets the strength of --lora: give the adapters with --lora as well.")
     result = generate_images(
         args.model,
         args.prompt,
@@ -32,7 +34,7 @@ def _generate(args: argparse.Namespace) -> None:
         device=args.device,
         torch_dtype=args.dtype,
         lora=args.lora,
-        lora_scale=args.lora_scale,
+        lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
     )
     for path in result.image_paths:
         print(path)
@@ -88,19 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images from a saved model folder or Hub id")
     generate.add_argument("--model", required=True, help="pipeline folder or Hub id")
     generate.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
-    generate.add_argument("--negative-prompt", default=None)
-    generate.add_argument("--scheduler", default="ddim", help="ddim, ddpm, or another diffusers scheduler's short name")
-    generate.add_argument("--steps", type=int, default=50)
-    generate.add_argument("--guidance-scale", type=float, default=7.5)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    generate.add_argument("--height", type=int, default=None)
-    generate.add_argument("--width", type=int, default=None)
-    generate.add_argument("--output-dir", type=Path, default=Path("outputs/generated"))
+    generate.add_argument("--negative-prompt", default=None, help="what to steer away from, for every prompt")
+    generate.add_argument("--scheduler", default="ddim",
+                          help="ddim, ddpm, pndm, euler, euler_a, heun, dpm++, dpm++_karras or unipc (default: ddim)")
+    generate.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    generate.add_argument("--guidance-scale", type=float, default=7.5,
+                          help="classifier-free guidance; 1 or less turns it off (default: 7.5)")
+    generate.add_argument("--seed", type=int, default=0, help="image k (over all prompts) uses seed + k (default: 0)")
+    generate.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    generate.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    generate.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    generate.add_argument("--output-dir", type=Path, default=Path("outputs/generated"),
+                          help="gets NNN-<prompt>-seed<S>.png and grid.png (default: outputs/generated)")
     generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights' dtype (default: fp32)")
     generate.add_argument("--lora", default=None, help="LoRA adapters on top of --model: folder, .safetensors or Hub id")
-    generate.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (0: the base model)")
+    generate.add_argument("--lora-scale", type=float, default=None,
+                          help="strength of --lora, 0 gives the base model (default: 1)")
     generate.set_defaults(handler=_generate)
 
     push = commands.add_parser("push", help="upload a saved pipeline or LoRA folder to the Hugging Face Hub")

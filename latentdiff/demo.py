@@ -173,7 +173,7 @@ def run_demo(
     lap("fine-tune")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = LatentDiffusionPipeline.from_pretrained(base if lora else model_dir, torch_dtype=torch.float32)
+    pipeline = LatentDiffusionPipeline.from_pretrained(base if lora else model_dir, dtype=torch.float32)
     if lora:
         pipeline.load_lora_weights(model_dir)
     pipeline = pipeline.to(device)

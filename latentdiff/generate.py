@@ -211,7 +211,7 @@ def generate_images(
     device = _resolve_device(device)
     if not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
-    pipe = LatentDiffusionPipeline.from_pretrained(model, torch_dtype=_resolve_dtype(torch_dtype))
+    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=_resolve_dtype(torch_dtype))
     if lora is not None:
         load_lora(pipe, lora, lora_scale)
     pipe = pipe.to(device)

@@ -112,7 +112,7 @@ def model_card(
         "import torch",
         "from diffusers import StableDiffusionPipeline",
         "",
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{pipeline_id}", torch_dtype=torch.float16).to("cuda")',
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{pipeline_id}", dtype=torch.float16).to("cuda")',
         *([f'pipeline.load_lora_weights("{repo_id}")'] if lora else []),
         f'image = pipeline("{images[0][1] if images else "a photo of a cat"}").images[0]',
         "```",

@@ -94,7 +94,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             pretrained_model_name_or_path (`str` or `os.PathLike`): Local folder or Hub id (SD-1.x/2.x layout).
             allow_pickle (`bool`, *optional*, defaults to `False`): Also load `.bin` weights (unpickling can run
                 arbitrary code: only for checkpoints you trust).
-            kwargs: As `DiffusionPipeline.from_pretrained`: `revision`, `variant`, `torch_dtype`, `cache_dir`,
+            kwargs: As `DiffusionPipeline.from_pretrained`: `revision`, `variant`, `dtype`, `cache_dir`,
                 `local_files_only`, components to use instead of the saved ones (`scheduler=...`), ...
         """
         folder = resolve_model_folder(
@@ -106,7 +106,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             allow_pickle=allow_pickle,
         )
         if "unet" not in kwargs:
-            dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # torch_dtype: the deprecated name
             if isinstance(dtype, dict):  # diffusers' per-component dtypes
                 dtype = dtype.get("unet", dtype.get("default"))
             kwargs["unet"] = load_unet(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (once) with the CPU build of torch, latentdiff and its test/tracking extras, and the CLIP
+# Creates .venv (once) with torch (the build pip selects here), latentdiff and its test/tracking extras, and the CLIP
 # BPE vocabulary from open-clip-torch (installed without its dependencies: it would pull torchvision).
 # Re-running is cheap: pip skips what is already there.
 set -euo pipefail

@@ -401,3 +401,13 @@ def test_generate_images_rejects_bad_arguments(tiny_pipeline_path, tmp_path, kwa
     kwargs = {"prompts": PROMPTS, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate_images(str(tiny_pipeline_path), output_dir=tmp_path, **kwargs)
+
+
+def test_generate_cli_help_names_every_scheduler_and_lora_scale_needs_lora(capsys):
+    from latentdiff.cli import build_parser, main
+
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    scheduler_help = next(action.help for action in generate._actions if action.dest == "scheduler")
+    assert scheduler_help.split(" (default")[0].replace(" or ", ", ").split(", ") == list(SCHEDULERS)
+    assert main(["generate", "--model", "m", "--prompt", "x", "--lora-scale", "0.5"]) == 2
+    assert "error: --lora-scale sets the strength of --lora" in capsys.readouterr().err
