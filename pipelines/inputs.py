@@ -11,8 +11,13 @@ from diffusers import SchedulerMixin
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_sampling_arguments(
     guidance_scale: float,
+    guidance_rescale: float,
     height: int,
     width: int,
     vae_scale_factor: int,
@@ -23,15 +28,14 @@ def check_sampling_arguments(
     output_type: str,
 ) -> None:
     """Guidance, image size, steps (or custom timesteps the scheduler must accept), images per prompt, output type."""
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
+    if not _is_finite_number(guidance_scale) or guidance_scale < 0:
         raise ValueError(
             f"guidance_scale must be a finite number ≥ 0 (1 or less turns guidance off; 7.5 is usual), "
             f"got {guidance_scale!r}."
+        )
+    if not _is_finite_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(
+            f"guidance_rescale must be a number from 0 (off) to 1 (0.7 is usual), got {guidance_rescale!r}."
         )
     if height % vae_scale_factor or width % vae_scale_factor:
         raise ValueError(f"height and width must be divisible by the VAE factor {vae_scale_factor}, got {height}x{width}.")

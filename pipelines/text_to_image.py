@@ -195,11 +195,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
         guidance_scale: float,
+        guidance_rescale: float = 0.0,
     ) -> None:
         """Every argument problem as one clear `ValueError`, before any model runs."""
         check_sampling_arguments(
-            guidance_scale, height, width, self.vae_scale_factor, num_inference_steps, timesteps, self.scheduler,
-            num_images_per_prompt, output_type,
+            guidance_scale, guidance_rescale, height, width, self.vae_scale_factor, num_inference_steps, timesteps,
+            self.scheduler, num_images_per_prompt, output_type,
         )  # fmt: skip
         check_prompt_arguments(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, self.text_encoder.config.hidden_size
@@ -368,6 +369,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         self.check_inputs(
             prompt, height, width, num_inference_steps, timesteps, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
+            guidance_rescale,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         device = self._execution_device
