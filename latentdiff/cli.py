@@ -5,6 +5,7 @@ The only module that prints. Bad input surfaces as one ``error: …`` line and e
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def _train(argv: list[str]) -> None:
     from .training import parse_train_args, train
 
     output_dir = train(parse_train_args(argv))
-    print(f"model saved to {output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns here; one says it
+        print(f"model saved to {output_dir}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -83,6 +83,12 @@ def load_image_caption_dataset(
 
     for kind, column in (("image", image_column), ("caption", caption_column)):
         if column not in dataset.column_names:
+            folder = Path(source)
+            if dataset.column_names == ["image"] and folder.is_dir() and not any(folder.rglob("metadata.*")):
+                raise ValueError(
+                    f"{source} holds images but no captions: add a metadata.jsonl with one line per image, "
+                    '{"file_name": "0001.png", "text": "a caption"} (docs/training.md).'
+                )
             raise ValueError(
                 f"The {kind} column {column!r} is not in the data set {source}; its columns are "
                 f"{dataset.column_names}. Pass the right one with --{kind}_column."

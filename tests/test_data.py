@@ -87,6 +87,15 @@ def test_missing_column_names_the_existing_ones(image_folder, tmp_path):
         load_image_caption_dataset(train_data_dir=str(image_folder), image_column="img", cache_dir=str(tmp_path))
 
 
+def test_image_folder_without_captions_asks_for_metadata_jsonl(image_folder, tmp_path):
+    folder = tmp_path / "no-captions"
+    folder.mkdir()
+    for image in image_folder.glob("*.png"):
+        (folder / image.name).write_bytes(image.read_bytes())
+    with pytest.raises(ValueError, match=r"no-captions holds images but no captions: add a metadata.jsonl"):
+        load_image_caption_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+
+
 def test_bad_folders_and_tables_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):

@@ -129,6 +129,15 @@ def test_an_unknown_choice_is_an_argparse_error(capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'explode'" in capsys.readouterr().err
 
 
+def test_an_unknown_option_is_named_with_the_nearest_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_script().main(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--scheduler", "ddim"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert error.endswith("error: unrecognized arguments: --scheduler (did you mean --lr_scheduler?); see --help for "
+                          "the options.")  # fmt: skip
+
+
 # ---- pipeline arguments that tests/test_pipeline.py does not try ----------------------------------------------
 
 
@@ -225,7 +234,7 @@ class RunsCode:
         return exec, (f"import pathlib; pathlib.Path({str(self.marker)!r}).write_text('ran')",)
 
 
-def test_a_tampered_checkpoint_is_not_unpickled(inputs, tmp_path):
+def test_a_tampered_checkpoint_is_not_unpickled_and_an_incomplete_one_is_named(inputs, tmp_path):
     marker = tmp_path / "code-was-run"
     options = dict(pretrained_model_name_or_path=str(inputs["pipeline"]), train_data_dir=str(inputs["data"]),
                    output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), resolution=32,
@@ -235,6 +244,9 @@ def test_a_tampered_checkpoint_is_not_unpickled(inputs, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-1 holds a pickle .* not loaded.*checkpoints your own runs wrote"):
         train(TrainConfig(**{**options, "max_train_steps": 2, "resume_from_checkpoint": "latest"}))
     assert not marker.exists()
+    (tmp_path / "out" / "checkpoint-1" / "optimizer.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-1 is incomplete: optimizer.bin is missing"):
+        train(TrainConfig(**{**options, "max_train_steps": 2, "resume_from_checkpoint": "latest"}))
 
 
 # ---- the Hub token ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ exactly once. Names follow diffusers' `examples/text_to_image/train_text_to_imag
 """
 
 import dataclasses
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,5 +296,10 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         argv = config_file_flags(argv[0], TrainConfig) + argv[1:]
     parser = HfArgumentParser(TrainConfig, description="Fine-tune a latent text-to-image diffusion model.")
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        flags = [flag for action in parser._actions for flag in action.option_strings]
+        hints = [f"{flag} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(flag, flags, n=1)) else flag
+                 for flag in unknown if flag.startswith("-")]  # fmt: skip
+        parser.error(f"unrecognized arguments: {' '.join(hints or unknown)}; see --help for the options.")
     return config
