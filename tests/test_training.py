@@ -179,9 +179,11 @@ def test_options_text_encoder_v_prediction_cosine_bf16(tiny_pipeline_path, capti
     config = make_config(
         tiny_pipeline_path, caption_folder, tmp_path / "out", max_train_steps=2, train_text_encoder=True,
         gradient_checkpointing=True, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2",
-        mixed_precision="bf16", max_train_samples=4, snr_gamma=5.0,
+        mixed_precision="bf16", max_train_samples=4, snr_gamma=5.0, seed=None,
     )  # fmt: skip
     output_dir = train(config)
+    drawn = json.loads((output_dir / "training_config.json").read_text())["seed"]
+    assert isinstance(drawn, int) and f"- seed: {drawn}\n" in (output_dir / "README.md").read_text()
     scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["beta_schedule"] == "squaredcos_cap_v2"
     base, tuned = (

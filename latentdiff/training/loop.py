@@ -294,12 +294,13 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         else:
             final.save_pretrained(output_dir)
             saved = output_dir
-        atomic_write_text(output_dir / "training_config.json", json.dumps(config.to_dict(), indent=2))
+        options = config.to_dict() | {"seed": seed}  # the seed the run used, also when it was drawn: reproducible
+        atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
         images = []
         if config.validation_prompts:
             paths = _validate(final.to(accelerator.device), None, config, seed, global_step, accelerator)
             images = [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, config.validation_prompts)]
-        hyperparameters = config.to_dict() | {"max_train_steps": max_train_steps, "num_train_epochs": num_epochs}
+        hyperparameters = options | {"max_train_steps": max_train_steps, "num_train_epochs": num_epochs}
         card = model_card(
             repo_id or config.hub_model_id or output_dir.resolve().name, config.pretrained_model_name_or_path,
             config.dataset_name or config.train_data_dir, hyperparameters, images, global_step, lora=lora,
