@@ -125,10 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_the_torchvision_notice(record: logging.LogRecord) -> bool:
+    """transformers announces, on every command, that CLIP's image processor falls back from torchvision to PIL:
+    latentdiff uses no image processor and installs no torchvision on purpose (it does not import beside the
+    CPU torch), so the notice says nothing to act on."""
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("latentdiff").setLevel(logging.INFO)
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_notice)
     try:
         if argv[:1] == ["train"]:  # its options come from TrainConfig, parsed by HfArgumentParser
             _train(argv[1:])
