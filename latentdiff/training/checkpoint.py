@@ -207,8 +207,10 @@ def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict[s
             f"code). Resume only from checkpoints your own runs wrote. ({str(error).splitlines()[-1]})"
         ) from error
     except FileNotFoundError as error:  # a file removed or lost after the checkpoint was completed
+        if error.filename is None:  # not the OS's: a load hook's own message, which says more
+            raise
         raise FileNotFoundError(
-            f"{path} is incomplete: {Path(error.filename or '?').name} is missing. Resume from another checkpoint "
+            f"{path} is incomplete: {Path(error.filename).name} is missing. Resume from another checkpoint "
             f"(--resume_from_checkpoint checkpoint-N), or remove {Path(path).name} to make `latest` skip it."
         ) from error
     return read_state(path)
