@@ -24,8 +24,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def replace_folder(finished: Path, target: Path) -> None:
     """Move the complete folder ``finished`` to ``target``, replacing what is there.
 
-    A folder cannot be renamed over a non-empty one, so the old ``target`` is first renamed aside and deleted
-    only after the new one is in place: at every moment ``target`` is either the old folder or the new one.
+    A folder cannot be renamed over a non-empty one, so the old ``target`` is first renamed aside (``.old-*``) and
+    deleted only after the new one is in place: ``target`` is the old folder, the new one, or (between the two
+    renames) absent with the old one whole beside it. `remove_leftovers` clears what a crash leaves.
     """
     if target.exists():
         old = target.with_name(f".old-{target.name}-{os.getpid()}")
@@ -54,3 +55,55 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_entries(target: str | os.PathLike, marker: str, stale: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yields a temporary folder inside ``target`` whose entries, if the block finishes, replace the same-named
+    entries of ``target``; the rest of ``target`` stays. For a folder that holds more than one write's output (a
+    training run's pipeline beside its checkpoints and logs), which `atomic_dir` cannot replace whole.
+
+    ``marker`` (e.g. ``model_index.json``) is moved aside first and moved in last, and the old entries, with the
+    ``stale`` ones that describe the old content, are deleted only after the new ones are in: a crash half-way
+    leaves a folder without its marker (it loads neither as the old content nor as a mix of old and new parts),
+    with the old entries whole beside it as ``.old-*``.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-entries-", dir=target))
+    tmp.chmod(0o755)  # mkdtemp's folders are private (0700); the entries become ordinary folders
+    try:
+        yield tmp
+        names = sorted(path.name for path in tmp.iterdir() if path.name != marker)
+        aside = []
+        for name in (marker, *names, *stale):
+            if (target / name).exists():
+                aside.append(target / f".old-{name}-{os.getpid()}")
+                _remove(aside[-1])
+                os.replace(target / name, aside[-1])
+        for name in names:
+            os.replace(tmp / name, target / name)
+        os.replace(tmp / marker, target / marker)
+        for old in aside:
+            _remove(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.tmp-*`` and ``.old-*`` entries that interrupted atomic writes left in ``folder``; returns them.
+
+    Only while nothing writes into ``folder`` (a run's start): the names of live writes look the same.
+    """
+    folder = Path(folder)
+    leftovers = sorted(p for p in folder.iterdir() if p.name.startswith((".tmp-", ".old-"))) if folder.is_dir() else []
+    for path in leftovers:
+        _remove(path)
+    return leftovers
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

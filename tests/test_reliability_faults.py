@@ -24,6 +24,7 @@ from test_data import write_caption_folder
 
 import latentdiff.training.checkpoint as checkpoint_module
 import latentdiff.training.loop as loop_module
+from latentdiff.atomic import atomic_entries, remove_leftovers
 from latentdiff.training import TrainConfig, train
 from latentdiff.training.checkpoint import STATE_FILE, list_checkpoints, resolve_checkpoint
 
@@ -152,6 +153,59 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp
     assert resolve_checkpoint(output_dir, "latest") == output_dir / "checkpoint-2"
     train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))
     assert_ends_like(output_dir, reference_dir)
+
+
+def test_killed_while_the_final_pipeline_is_swapped_in_leaves_no_mix(reference, tmp_path, monkeypatch):
+    """The final pipeline is written beside the checkpoints and swapped in: killed half-way through the swap, the
+    folder has no model_index.json (it loads as neither the old pipeline nor a mix of two runs), the old parts wait
+    whole as .old-*, and the next run clears them and ends as the uninterrupted one."""
+    pipeline, data, reference_dir = reference
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference_dir, output_dir)
+
+    def replace(source, target):
+        if Path(target) == output_dir / "unet" and Path(source).parent.name.startswith(".tmp-entries-"):
+            raise Killed
+        return original_replace(source, target)
+
+    original_replace = os.replace
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        train(config_for(pipeline, data, output_dir, resume_from_checkpoint="checkpoint-4"))
+    monkeypatch.undo()
+
+    assert not (output_dir / "model_index.json").exists() and not (output_dir / "README.md").exists()
+    aside = {p.name.rsplit("-", 1)[0] for p in output_dir.glob(".old-*")}
+    assert aside == {".old-model_index.json", ".old-unet", ".old-vae", ".old-text_encoder", ".old-tokenizer",
+                     ".old-scheduler", ".old-README.md", ".old-training_config.json"}  # fmt: skip
+    old_unet = next(output_dir.glob(".old-unet-*")) / "diffusion_pytorch_model.safetensors"
+    assert_same_weights(old_unet, reference_dir / UNET)
+    train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))  # checkpoint-6: the last step
+    assert not list(output_dir.glob(".old-*")) and not list(output_dir.glob(".tmp-*"))
+    assert not (output_dir / f"checkpoint-{STEPS + 1}").exists()  # resuming a finished run trains no further step
+    assert_ends_like(output_dir, reference_dir)
+
+
+def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_nothing(tmp_path):
+    target = tmp_path / "run"
+    for name, text in (("model_index.json", "old"), ("README.md", "old card"), ("keep.txt", "kept")):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_text(text)
+    (target / "unet").mkdir()
+    (target / "unet" / "w").write_text("old weights")
+    with pytest.raises(RuntimeError), atomic_entries(target, "model_index.json", stale=("README.md",)) as tmp:
+        (tmp / "model_index.json").write_text("new")
+        raise RuntimeError("the save failed")
+    assert (target / "model_index.json").read_text() == "old" and (target / "unet" / "w").read_text() == "old weights"
+    with atomic_entries(target, "model_index.json", stale=("README.md",)) as tmp:
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "w").write_text("new weights")
+        (tmp / "model_index.json").write_text("new")
+    assert (target / "model_index.json").read_text() == "new" and (target / "unet" / "w").read_text() == "new weights"
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]  # README was stale
+    (target / ".tmp-x").mkdir(), (target / ".old-unet-123").write_text("")
+    assert [p.name for p in remove_leftovers(target)] == [".old-unet-123", ".tmp-x"]
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]
 
 
 # ---- NaN and inf ------------------------------------------------------------------------------------------------

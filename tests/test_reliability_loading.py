@@ -61,6 +61,8 @@ def inputs(tiny_pipeline_path, tmp_path_factory) -> dict[str, Path]:
     (root / "empty").mkdir()
     (root / "a-file").write_text("")
     (root / "model.ckpt").write_bytes(b"not really a checkpoint")
+    (root / "earlier-run" / "checkpoint-3").mkdir(parents=True)
+    (root / "earlier-run" / "checkpoint-3" / "training_state.json").write_text("{}")
     (root / "unet.json").write_text(json.dumps({**json.loads((tiny_pipeline_path / "unet" / "config.json").read_text()),
                                                 **UNSUPPORTED_UNET}))  # fmt: skip
     return {
@@ -78,6 +80,9 @@ ARGUMENT_CASES = {
     "resolution 36": (["--resolution", "36"], r"--resolution must be a positive multiple of 8, got 36"),
     "missing checkpoint": (["--resume_from_checkpoint", "checkpoint-7"], r"checkpoint-7 does not exist"),
     "output_dir is a file": (["--output_dir", "{root}/a-file"], r"--output_dir .*a-file is a file"),
+    "another run's checkpoints": (["--output_dir", "{root}/earlier-run"],
+                                  r"earlier-run already holds a run's checkpoints \(checkpoint-3\): continue that run "
+                                  r"with --resume_from_checkpoint latest, or give this one another --output_dir"),
     "no such model folder": (["--pretrained_model_name_or_path", "./no/such/model"], r"'./no/such/model' does not exist: give a diffusers pipeline folder"),
     "single-file checkpoint": (["--pretrained_model_name_or_path", "{root}/model.ckpt"],
                                r"model.ckpt is a single file.*diffusers folder.*pickle"),

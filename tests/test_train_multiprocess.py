@@ -137,7 +137,10 @@ def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
             path,
         )
     assert ["save", ".tmp-checkpoint-4/random_states_1.pkl"] in ranks[1]["writes"]  # rank 1 is observed
-    assert ["save_file", "unet/diffusion_pytorch_model.safetensors"] in ranks[0]["writes"]
+    saved_unet = [path for event, path in ranks[0]["writes"] if event == "save_file" and path.endswith(
+        "unet/diffusion_pytorch_model.safetensors")]  # fmt: skip
+    assert [path for path in saved_unet if path.startswith(".tmp-entries-")]  # the pipeline: written aside, swapped in
+    assert ["os.rename", "model_index.json"] in ranks[0]["writes"]  # os.replace audits as os.rename
     assert (output_dir / "checkpoint-4" / "random_states_1.pkl").is_file()
     assert sorted(p.name for p in (output_dir / "checkpoint-4").iterdir() if p.is_dir()) == ["unet"]  # the DDP-wrapped UNet
 

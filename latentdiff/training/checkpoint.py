@@ -48,6 +48,17 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def refuse_another_runs_checkpoints(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> None:
+    """A new run (no `--resume_from_checkpoint`) in a folder with checkpoints would mix its own with them, `latest`
+    would then pick the other run's, and `--checkpoints_total_limit` would delete them: refuse, saying what to do."""
+    if resume_from_checkpoint is None and (existing := list_checkpoints(output_dir)):
+        names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise ValueError(
+            f"{output_dir} already holds a run's checkpoints ({names}): continue that run with "
+            "--resume_from_checkpoint latest, or give this one another --output_dir."
+        )
+
+
 def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None:
     r"""The checkpoint folder `--resume_from_checkpoint` means, or `None` for `"latest"` when there is none yet.
 

@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..acceleration import compile_unet
-from ..atomic import atomic_write_text
+from ..atomic import atomic_entries, atomic_write_text, remove_leftovers
 from ..components import load_components, resolve_model_folder
 from ..data import load_image_caption_dataset, warn_long_captions
 from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
@@ -38,6 +38,7 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_state,
+    refuse_another_runs_checkpoints,
     register_hooks,
     resolve_checkpoint,
     save_checkpoint,
@@ -78,6 +79,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
 
     # 1. What this setup supports, the run's seed, the Hub repo
     check_distributed_support(config, accelerator)
+    refuse_another_runs_checkpoints(output_dir, config.resume_from_checkpoint)
     resume_from = (
         resolve_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     )
@@ -85,6 +87,8 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     set_seed(seed)  # the global RNG only initialises a --unet_config UNet; the loop draws from its own generator
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if leftovers := remove_leftovers(output_dir):  # of a run that was killed while writing
+            logger.info(f"Removed what an interrupted write left: {', '.join(p.name for p in leftovers)}")
     repo_id = None
     if config.push_to_hub and accelerator.is_main_process:  # fail now, not after training, if the token is bad
         repo_id = create_hub_repo(config.hub_model_id or output_dir.resolve().name, token=config.hub_token)
@@ -206,7 +210,8 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     step_loss = 0.0
-    for epoch in range(first_epoch, num_epochs):
+    last_epoch = num_epochs if global_step < max_train_steps else first_epoch  # resumed at the end: nothing to train
+    for epoch in range(first_epoch, last_epoch):
         train_dataloader.set_epoch(epoch)  # this epoch's shuffled order
         dataset.set_epoch(epoch)  # this epoch's crops, flips, caption choices
         skip = skip_batches if epoch == first_epoch else 0
@@ -291,8 +296,9 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         if lora:
             saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
             final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
-        else:
-            final.save_pretrained(output_dir)
+        else:  # beside the checkpoints, swapped in whole: a crash leaves the old pipeline or no pipeline, no mix
+            with atomic_entries(output_dir, "model_index.json", stale=("README.md", "training_config.json")) as tmp:
+                final.save_pretrained(tmp)
             saved = output_dir
         options = config.to_dict() | {"seed": seed}  # the seed the run used, also when it was drawn: reproducible
         atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
