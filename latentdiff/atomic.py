@@ -52,6 +52,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp's folders are private (0700); the result is an ordinary folder
     try:
         yield tmp
+        _make_ordinary(tmp)
         replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,6 +75,7 @@ def atomic_entries(target: str | os.PathLike, marker: str, stale: tuple[str, ...
     tmp.chmod(0o755)  # mkdtemp's folders are private (0700); the entries become ordinary folders
     try:
         yield tmp
+        _make_ordinary(tmp)
         names = sorted(path.name for path in tmp.iterdir() if path.name != marker)
         aside = []
         for name in (marker, *names, *stale):
@@ -107,3 +109,11 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _make_ordinary(folder: Path) -> None:
+    """Files that a writer created private (0600: safetensors ≥ 0.8 and `tempfile` write so) become ordinary
+    0644 files, like everything else a run writes."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+            path.chmod(0o644)

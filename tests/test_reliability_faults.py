@@ -200,8 +200,10 @@ def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_noth
     with atomic_entries(target, "model_index.json", stale=("README.md",)) as tmp:
         (tmp / "unet").mkdir()
         (tmp / "unet" / "w").write_text("new weights")
+        (tmp / "unet" / "w").chmod(0o600)  # as safetensors ≥ 0.8 leaves its files
         (tmp / "model_index.json").write_text("new")
     assert (target / "model_index.json").read_text() == "new" and (target / "unet" / "w").read_text() == "new weights"
+    assert (target / "unet" / "w").stat().st_mode & 0o777 == 0o644  # an ordinary file, not a private one
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]  # README was stale
     (target / ".tmp-x").mkdir(), (target / ".old-unet-123").write_text("")
     assert [p.name for p in remove_leftovers(target)] == [".old-unet-123", ".tmp-x"]
