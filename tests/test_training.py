@@ -293,6 +293,13 @@ def test_config_file_values_are_checked_like_flags(tmp_path, capsys, text, messa
         (dict(cache_latents=True), ValueError, r"--cache_latents .* pass --center_crop"),
         (dict(report_to="tensorbored"), ValueError, r"unknown tracker\(s\) \['tensorbored'\]"),
         (dict(caption_dropout=1.5), ValueError, r"--caption_dropout must be between 0 and 1"),
+        (dict(use_ema="False"), ValueError, r"--use_ema must be True or False, got 'False'"),
+        (dict(train_batch_size="2"), ValueError, r"--train_batch_size must be an integer, got '2'"),
+        (dict(seed=1.5), ValueError, r"--seed must be an integer, got 1.5"),
+        (dict(learning_rate=-1e-4), ValueError, r"--learning_rate must be a number > 0"),
+        (dict(max_grad_norm=0), ValueError, r"--max_grad_norm must be a number > 0"),
+        (dict(lr_scheduler="bogus"), ValueError, r"--lr_scheduler must be one of \['linear', "),
+        (dict(mixed_precision="fp8"), ValueError, r"--mixed_precision must be one of \['no', 'fp16', 'bf16'\]"),
         (
             dict(resume_from_checkpoint="checkpoint-9"),
             FileNotFoundError,
@@ -306,6 +313,15 @@ def test_config_errors_name_the_option(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         TrainConfig(**{"pretrained_model_name_or_path": "m", "train_data_dir": "d", "output_dir": str(tmp_path / "out"),
                        **overrides})  # fmt: skip
+
+
+def test_python_values_get_the_declared_types(tmp_path):
+    """What a caller means: a Path for a string option, an int for a float, one prompt as a string."""
+    config = TrainConfig(pretrained_model_name_or_path=tmp_path / "model", train_data_dir=tmp_path / "data",
+                         output_dir=tmp_path / "out", learning_rate=1, validation_prompts="a red square")  # fmt: skip
+    assert config.output_dir == str(tmp_path / "out") and config.validation_prompts == ["a red square"]
+    assert isinstance(config.learning_rate, float)
+    json.dumps(config.to_dict())  # what training_config.json holds
 
 
 def test_output_dir_that_is_a_file_is_refused(tmp_path):
@@ -414,3 +430,22 @@ def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path,
     np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-5)
     for key, value in runs[False][0].items():
         torch.testing.assert_close(runs[True][0][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_an_accelerator_that_fails_to_build_leaves_the_next_run_unaffected(tmp_path, monkeypatch):
+    import latentdiff.training.accelerator as accelerator_module
+
+    def half_built(*args, **kwargs):
+        build(*args, **kwargs)  # Accelerate's process-wide state is set up here ...
+        raise RuntimeError("the accelerator failed")  # ... and the constructor fails after it
+
+    build = accelerator_module.Accelerator
+    monkeypatch.setattr(accelerator_module, "Accelerator", half_built)
+    config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(RuntimeError, match="the accelerator failed"), accelerator_module.accelerator_for(config, []):
+        pass
+    monkeypatch.undo()
+    config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", output_dir=str(tmp_path),
+                         report_to="none", mixed_precision="bf16")  # fmt: skip
+    with accelerator_module.accelerator_for(config, []) as accelerator:
+        assert accelerator.mixed_precision == "bf16"

@@ -25,13 +25,17 @@ def accelerator_for(config: TrainConfig, trackers: Sequence[GeneralTracker]) -> 
     available = {str(t) for t in get_available_trackers()}
     log_with = [name for name in wanted if name == "all" or name in available]
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        cpu=cpu_only_distributed(),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=[*log_with, *trackers] or None,
-        project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=cpu_only_distributed(),
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=[*log_with, *trackers] or None,
+            project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+        )
+    except BaseException:  # a half-made Accelerator's state would break the next `train` in this process
+        _reset_accelerate_state()
+        raise
     if missing := sorted(set(wanted) - set(log_with)):
         logger.warning(
             f"--report_to {missing}: not installed, not logging there (tensorboard: pip install latentdiff[tracking])."
@@ -40,8 +44,12 @@ def accelerator_for(config: TrainConfig, trackers: Sequence[GeneralTracker]) -> 
         yield accelerator
     finally:
         accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        _reset_accelerate_state()
+
+
+def _reset_accelerate_state() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def cpu_only_distributed() -> bool:

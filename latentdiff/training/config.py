@@ -16,6 +16,7 @@ from transformers import HfArgumentParser
 
 from .checkpoint import resolve_checkpoint
 from .config_file import CONFIG_SUFFIXES, config_file_flags
+from .config_types import check_field_types
 from .lora import UNET_TARGET_MODULES
 
 LR_SCHEDULERS = (
@@ -206,12 +207,16 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                     "validation_epochs", "validation_inference_steps")  # fmt: skip
         for name in positive + ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "lora_rank"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and value < 1:
                 raise ValueError(f"--{name} must be an integer ≥ 1, got {value!r}.")
+        for name in ("learning_rate", "max_grad_norm"):  # ≤ 0 would not train, or would climb the loss
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"--{name} must be a number > 0, got {getattr(self, name)!r}.")
         for name in ("dataloader_num_workers", "lr_warmup_steps", "ema_update_after_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be ≥ 0, got {getattr(self, name)!r}.")
@@ -219,8 +224,6 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be between 0 and 1, got {getattr(self, name)!r}.")
         self._check_lora()
-        if self.on_bad_image not in ("skip", "error"):
-            raise ValueError(f"--on_bad_image must be 'skip' or 'error', got {self.on_bad_image!r}.")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -246,7 +249,7 @@ class TrainConfig:
             resolve_checkpoint(self.output_dir, self.resume_from_checkpoint)  # raises FileNotFoundError
 
     def _check_lora(self) -> None:
-        items = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+        items = self.lora_target_modules  # "to_q,to_k" or ["to_q", "to_k"] (a string became a one-item list)
         self.lora_target_modules = [name.strip() for item in items for name in item.split(",") if name.strip()]
         if self.lora_rank is None:
             defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
