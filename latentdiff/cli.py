@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = " (checkpoints already written are complete: continue with --resume_from_checkpoint latest)"
+        print(f"interrupted{resume if argv[:1] == ['train'] else ''}", file=sys.stderr)
         return 130
     return 0
 

@@ -209,8 +209,10 @@ def generate_images(
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
     _scheduler_entry(scheduler)  # fail before the (slow) model load
     device = _resolve_device(device)
-    if not math.isfinite(lora_scale):
+    if isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 10**6:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=_resolve_dtype(torch_dtype))
     if lora is not None:
         load_lora(pipe, lora, lora_scale)

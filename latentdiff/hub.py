@@ -6,6 +6,7 @@ data set) and a body with usage, validation images and the training hyperparamet
 """
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -114,7 +115,7 @@ def model_card(
         "",
         f'pipeline = StableDiffusionPipeline.from_pretrained("{pipeline_id}", dtype=torch.float16).to("cuda")',
         *([f'pipeline.load_lora_weights("{repo_id}")'] if lora else []),
-        f'image = pipeline("{images[0][1] if images else "a photo of a cat"}").images[0]',
+        f"image = pipeline({json.dumps(images[0][1] if images else 'a photo of a cat')}).images[0]",  # a valid literal
         "```",
         "",
         "or with latentdiff: `LatentDiffusionPipeline.from_pretrained(...)` (same arguments).",

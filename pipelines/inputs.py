@@ -37,6 +37,9 @@ def check_sampling_arguments(
         raise ValueError(
             f"guidance_rescale must be a number from 0 (off) to 1 (0.7 is usual), got {guidance_rescale!r}."
         )
+    for name, size in (("height", height), ("width", width)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive integer number of pixels, got {size!r}.")
     if height % vae_scale_factor or width % vae_scale_factor:
         raise ValueError(f"height and width must be divisible by the VAE factor {vae_scale_factor}, got {height}x{width}.")
     if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):

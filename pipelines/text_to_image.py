@@ -276,6 +276,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(
+                f"generator must be a torch.Generator (or one per image), got {generator!r}: e.g. "
+                "torch.Generator().manual_seed(0)."
+            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"Got {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt): "
@@ -361,8 +367,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         # 0. defaults and checks
         sample_size = self.unet.config.sample_size
         sample_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-        height = height or sample_size[0] * self.vae_scale_factor
-        width = width or sample_size[1] * self.vae_scale_factor
+        height = sample_size[0] * self.vae_scale_factor if height is None else height  # 0 is an error, not "default"
+        width = sample_size[1] * self.vae_scale_factor if width is None else width
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # diffusers' callback objects
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)

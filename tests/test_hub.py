@@ -89,6 +89,10 @@ def test_model_card_metadata_and_body():
     assert TOKEN not in card  # only the listed hyperparameters are shown
     local = model_card("out", "/models/base", "/data/images", {})
     assert "base_model" not in local.split("---")[1] and "datasets" not in local.split("---")[1]
+    quoted = model_card("out", "/models/base", None, {}, images=[("v/0.png", 'a "quoted" cat')])
+    code = quoted.split("```python")[1].split("```")[0]
+    compile(code, "usage", "exec")  # the usage snippet stays valid Python whatever the prompt holds
+    assert 'pipeline("a \\"quoted\\" cat")' in code
 
 
 def run_train_script(endpoint: str, pipeline: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:

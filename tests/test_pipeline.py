@@ -235,6 +235,10 @@ def test_a_unet_that_reuses_its_output_buffer_gives_the_same_images(pipe, monkey
     "kwargs, match",
     [
         (dict(height=30), "divisible by the VAE factor 4, got 30x32"),
+        (dict(height=0), "height must be a positive integer number of pixels, got 0"),
+        (dict(width=-8), "width must be a positive integer number of pixels, got -8"),
+        (dict(height=32.0), "height must be a positive integer number of pixels, got 32.0"),
+        (dict(generator=42), "generator must be a torch.Generator"),
         (dict(prompt_embeds=torch.zeros(1, 77, 32)), "exactly one of prompt and prompt_embeds"),
         (dict(prompt=None), "exactly one of prompt and prompt_embeds"),
         (dict(prompt=3), "prompt must be a string"),
@@ -395,6 +399,7 @@ def test_generate_images_writes_pngs_and_a_grid(tiny_pipeline_path, tmp_path):
     "kwargs, match",
     [(dict(scheduler="plms"), "Unknown scheduler 'plms'"), (dict(torch_dtype="fp8"), "Unknown torch_dtype 'fp8'"),
      (dict(prompts="a cat"), "non-empty list of strings"), (dict(device="gpu"), "Unknown device 'gpu': use cpu"),
+     (dict(seed=1.5), "seed must be a non-negative integer, got 1.5"), (dict(lora_scale="1"), "lora_scale must be"),
      pytest.param(dict(device="cuda"), "Device 'cuda': no CUDA GPU is available",
                   marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"))],
 )  # fmt: skip

@@ -298,3 +298,17 @@ def test_a_rejected_token_is_not_echoed(local_hub, inputs, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "401" in err and "Traceback" not in err
     assert TOKEN not in err + caplog.text
+
+
+def test_ctrl_c_during_training_says_how_to_continue(monkeypatch, capsys):
+    import latentdiff.training
+
+    from latentdiff.cli import main
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latentdiff.training, "train", interrupted)
+    assert main(["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]) == 130
+    assert "interrupted (checkpoints already written are complete: continue with --resume_from_checkpoint latest)" \
+        in capsys.readouterr().err  # fmt: skip

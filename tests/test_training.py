@@ -298,6 +298,8 @@ def test_config_file_values_are_checked_like_flags(tmp_path, capsys, text, messa
         (dict(seed=1.5), ValueError, r"--seed must be an integer, got 1.5"),
         (dict(learning_rate=-1e-4), ValueError, r"--learning_rate must be a number > 0"),
         (dict(max_grad_norm=0), ValueError, r"--max_grad_norm must be a number > 0"),
+        (dict(noise_offset=-0.1), ValueError, r"--noise_offset must be a number ≥ 0, got -0.1"),
+        (dict(snr_gamma=float("nan")), ValueError, r"--snr_gamma must be > 0"),
         (dict(lr_scheduler="bogus"), ValueError, r"--lr_scheduler must be one of \['linear', "),
         (dict(mixed_precision="fp8"), ValueError, r"--mixed_precision must be one of \['no', 'fp16', 'bf16'\]"),
         (

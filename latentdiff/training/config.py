@@ -214,9 +214,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be an integer ≥ 1, got {value!r}.")
-        for name in ("learning_rate", "max_grad_norm"):  # ≤ 0 would not train, or would climb the loss
-            if not 0 < getattr(self, name) < float("inf"):
+        for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"):
+            if not 0 < getattr(self, name) < float("inf"):  # ≤ 0 would not train, or would climb the loss
                 raise ValueError(f"--{name} must be a number > 0, got {getattr(self, name)!r}.")
+        for name in ("adam_weight_decay", "noise_offset", "input_perturbation", "validation_guidance_scale"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"--{name} must be a number ≥ 0, got {getattr(self, name)!r}.")
         for name in ("dataloader_num_workers", "lr_warmup_steps", "ema_update_after_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be ≥ 0, got {getattr(self, name)!r}.")
@@ -226,7 +229,7 @@ class TrainConfig:
         self._check_lora()
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}.")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
+        if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
             raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma!r}.")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}.")
