@@ -5,7 +5,6 @@ reproducible on any device and whatever batch it was generated in.
 """
 
 import contextlib
-import math
 import os
 import re
 import tempfile
@@ -28,6 +27,7 @@ from PIL import Image
 
 from latentdiff.hub import as_hub_id, reaching_the_hub
 from latentdiff.pipelines import LatentDiffusionPipeline
+from latentdiff.pipelines.inputs import is_finite_number
 
 # Short name → (scheduler class, config overrides). Each is built with `from_config(pipe.scheduler.config)`,
 # so the model's noise schedule and prediction type carry over.
@@ -209,7 +209,7 @@ def generate_images(
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
     _scheduler_entry(scheduler)  # fail before the (slow) model load
     device = _resolve_device(device)
-    if isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
+    if not is_finite_number(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 10**6:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")

@@ -11,7 +11,8 @@ from diffusers import SchedulerMixin
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool), neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -26,14 +27,16 @@ def check_sampling_arguments(
     scheduler: SchedulerMixin,
     num_images_per_prompt: int,
     output_type: str,
+    generator: Any = None,
 ) -> None:
-    """Guidance, image size, steps (or custom timesteps the scheduler must accept), images per prompt, output type."""
-    if not _is_finite_number(guidance_scale) or guidance_scale < 0:
+    """Guidance, image size, steps (or custom timesteps the scheduler must accept), images per prompt, output type,
+    generator(s)."""
+    if not is_finite_number(guidance_scale) or guidance_scale < 0:
         raise ValueError(
             f"guidance_scale must be a finite number ≥ 0 (1 or less turns guidance off; 7.5 is usual), "
             f"got {guidance_scale!r}."
         )
-    if not _is_finite_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+    if not is_finite_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(
             f"guidance_rescale must be a number from 0 (off) to 1 (0.7 is usual), got {guidance_rescale!r}."
         )
@@ -50,6 +53,12 @@ def check_sampling_arguments(
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    generators = generator if isinstance(generator, list) else [generator]
+    if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(
+            f"generator must be a torch.Generator (or one per image), got {generator!r}: e.g. "
+            "torch.Generator().manual_seed(0)."
+        )
 
 
 def check_prompt_arguments(

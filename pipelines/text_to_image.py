@@ -196,11 +196,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         callback_on_step_end_tensor_inputs: list[str],
         guidance_scale: float,
         guidance_rescale: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> None:
         """Every argument problem as one clear `ValueError`, before any model runs."""
         check_sampling_arguments(
             guidance_scale, guidance_rescale, height, width, self.vae_scale_factor, num_inference_steps, timesteps,
-            self.scheduler, num_images_per_prompt, output_type,
+            self.scheduler, num_images_per_prompt, output_type, generator,
         )  # fmt: skip
         check_prompt_arguments(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, self.text_encoder.config.hidden_size
@@ -276,12 +277,6 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-            raise ValueError(
-                f"generator must be a torch.Generator (or one per image), got {generator!r}: e.g. "
-                "torch.Generator().manual_seed(0)."
-            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"Got {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt): "
@@ -375,7 +370,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         self.check_inputs(
             prompt, height, width, num_inference_steps, timesteps, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
-            guidance_rescale,
+            guidance_rescale, generator,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         device = self._execution_device
