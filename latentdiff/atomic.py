@@ -5,6 +5,7 @@ what a crash leaves is only a hidden ``.tmp-*`` sibling that readers ignore.
 """
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -90,6 +91,43 @@ def atomic_entries(target: str | os.PathLike, marker: str, stale: tuple[str, ...
             _remove(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Free space below which a failed write is taken to have filled the disk: writers do not all say so (torch's zip
+# writer reports a short write as "unexpected pos", safetensors wraps the OS error in its own exception type).
+_NEARLY_FULL = 16 * 2**20
+
+
+@contextlib.contextmanager
+def disk_full_explained(
+    folder: str | os.PathLike, writing: str, advice: str, partial: str | os.PathLike | None = None
+) -> Iterator[None]:
+    """Turns a write that failed because the disk filled up into one `OSError` (errno ``ENOSPC``) that says so.
+
+    The partial output ``partial``, if given, is deleted first, which gives the space back; the error names what was being
+    written, the free space left, and ``advice`` (what is intact and how to go on). Any other failure is re-raised
+    unchanged.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not _filled_the_disk(error, folder):
+            raise
+        if partial is not None:
+            _remove(Path(partial))
+        usage = shutil.disk_usage(folder)
+        full = OSError(
+            f"Could not write {writing}: the disk holding {folder} is full ({usage.free / 2**20:.0f} MiB free of "
+            f"{usage.total / 2**20:.0f} MiB once the partial write was removed). {advice}"
+        )
+        full.errno = errno.ENOSPC
+        raise full from error
+
+
+def _filled_the_disk(error: Exception, folder: str | os.PathLike) -> bool:
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error):
+        return True
+    return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < _NEARLY_FULL
 
 
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:

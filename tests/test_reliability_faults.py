@@ -4,6 +4,7 @@ Every scenario is compared with one uninterrupted reference run (same options, b
 (resolve "latest", rotation with `keep`, exact resume) are unit-tested in tests/test_training.py.
 """
 
+import errno
 import hashlib
 import itertools
 import json
@@ -18,13 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from test_data import write_caption_folder
 
 import latentdiff.training.checkpoint as checkpoint_module
 import latentdiff.training.loop as loop_module
-from latentdiff.atomic import atomic_entries, remove_leftovers
+from latentdiff.atomic import atomic_entries, disk_full_explained, remove_leftovers
 from latentdiff.training import TrainConfig, train
 from latentdiff.training.checkpoint import STATE_FILE, list_checkpoints, resolve_checkpoint
 
@@ -208,6 +211,82 @@ def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_noth
     (target / ".tmp-x").mkdir(), (target / ".old-unet-123").write_text("")
     assert [p.name for p in remove_leftovers(target)] == [".old-unet-123", ".tmp-x"]
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]
+
+
+# ---- a full disk ---------------------------------------------------------------------------------------------------
+
+SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 373440 vs 373328"  # torch.save, disk full
+
+
+def nearly_full(free: int = 3 * 2**20):
+    """`shutil.disk_usage` of a disk with `free` bytes left."""
+    return lambda path: shutil._ntuple_diskusage(total=22 * 2**20, used=22 * 2**20 - free, free=free)
+
+
+def test_disk_full_while_writing_a_checkpoint_says_so_and_loses_nothing(reference, tmp_path, monkeypatch):
+    """The disk fills up half-way through checkpoint-3 (torch's zip writer then reports only "unexpected pos"): one
+    error says the disk is full, names what was being written and what is intact; the partial folder is removed
+    (giving the space back), and resuming from "latest" ends exactly as the uninterrupted run."""
+    pipeline, data, reference_dir = reference
+    output_dir = tmp_path / "out"
+    partial = output_dir / ".tmp-checkpoint-3"
+
+    def save_file(tensors, path, metadata=None):
+        if Path(path).parent == partial:
+            Path(path).write_bytes(b"\0" * 1000)
+            monkeypatch.setattr(shutil, "disk_usage", nearly_full())
+            raise RuntimeError(SHORT_WRITE)
+        return original_save_file(tensors, path, metadata=metadata)
+
+    original_save_file = checkpoint_module.save_file
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    with pytest.raises(OSError, match=r"Could not write checkpoint-3: the disk holding .* is full \(3 MiB free") as error:
+        train(config_for(pipeline, data, output_dir))
+    monkeypatch.undo()
+
+    assert error.value.errno == errno.ENOSPC and isinstance(error.value.__cause__, RuntimeError)
+    assert "checkpoint-1, checkpoint-2 are intact" in str(error.value)
+    assert "--resume_from_checkpoint latest" in str(error.value)
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no partial folder
+    train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))
+    assert_ends_like(output_dir, reference_dir)
+
+
+def test_disk_full_while_writing_the_final_pipeline_says_so_and_loses_nothing(reference, tmp_path, monkeypatch):
+    """safetensors wraps a full disk in its own exception type; the final save still ends in the one error, leaves
+    no half-written pipeline, and resuming the finished run writes the pipeline without training further."""
+    pipeline, data, reference_dir = reference
+    output_dir = tmp_path / "out"
+
+    def save_file(tensors, path, metadata=None):
+        if Path(path).parent.parent.name.startswith(".tmp-entries-"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return original_save_file(tensors, path, metadata=metadata)
+
+    original_save_file = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(OSError, match=r"Could not write the trained pipeline: the disk holding .* is full") as error:
+        train(config_for(pipeline, data, output_dir))
+    monkeypatch.undo()
+
+    assert error.value.errno == errno.ENOSPC
+    assert f"checkpoint-{STEPS - 1}, checkpoint-{STEPS} are intact" in str(error.value)
+    assert sorted(p.name for p in output_dir.iterdir()) == [f"checkpoint-{n}" for n in range(1, STEPS + 1)]
+    train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))
+    assert not (output_dir / f"checkpoint-{STEPS + 1}").exists()
+    assert_ends_like(output_dir, reference_dir)
+
+
+def test_a_failed_write_with_space_left_keeps_its_own_error(tmp_path):
+    partial = tmp_path / ".tmp-x"
+    partial.mkdir()
+    with pytest.raises(PermissionError, match="read-only"), disk_full_explained(tmp_path, "x", "advice", partial):
+        raise PermissionError("read-only")
+    assert partial.is_dir()  # left for the next run's start to clear, as after any other failure
+    with pytest.raises(OSError, match="Could not write x: .* advice") as error:
+        with disk_full_explained(tmp_path, "x", "advice", partial):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert error.value.errno == errno.ENOSPC and not partial.exists()
 
 
 # ---- NaN and inf ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..atomic import replace_folder
+from ..atomic import disk_full_explained, replace_folder
 from ..models import UNet2DConditionModel
 from .ema import EMAModel
 from .lora import LORA_WEIGHT_NAME, load_lora, save_lora
@@ -163,16 +163,29 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    advice = full_disk_advice(output_dir)
+    with disk_full_explained(output_dir, final.name, advice, partial=tmp):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        with disk_full_explained(output_dir, final.name, advice, partial=tmp):
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         replace_folder(tmp, final)  # after a resume from an older checkpoint, the new state replaces the stale one
         logger.info(f"Saved training state to {final}")
         if total_limit is not None:
             rotate_checkpoints(output_dir, total_limit, keep, newest=final)
     accelerator.wait_for_everyone()
     return final
+
+
+def full_disk_advice(output_dir: str | os.PathLike) -> str:
+    """What a write that filled the disk left intact in a run's `output_dir`, and how to go on from there."""
+    previous = [p.name for p in list_checkpoints(output_dir)]
+    if not previous:
+        return "No checkpoint has been written yet: free some space and start the run again."
+    intact = f"{', '.join(previous)} {'is' if len(previous) == 1 else 'are'} intact"
+    return (f"{intact}: free some space (or keep fewer checkpoints with --checkpoints_total_limit) and continue with "
+            "--resume_from_checkpoint latest.")  # fmt: skip
 
 
 def rotate_checkpoints(

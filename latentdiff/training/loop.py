@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..acceleration import compile_unet
-from ..atomic import atomic_entries, atomic_write_text, remove_leftovers
+from ..atomic import atomic_entries, atomic_write_text, disk_full_explained, remove_leftovers
 from ..components import load_components, resolve_model_folder
 from ..data import load_image_caption_dataset, warn_long_captions
 from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
@@ -35,6 +35,7 @@ from ..text import encode_prompts
 from .accelerator import accelerator_for, check_distributed_support
 from .checkpoint import (
     checkpoint_step,
+    full_disk_advice,
     list_checkpoints,
     load_checkpoint,
     read_state,
@@ -294,11 +295,13 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
         )
         if lora:
-            saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
+            with disk_full_explained(output_dir, "the LoRA adapters", full_disk_advice(output_dir)):
+                saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
             final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
         else:  # beside the checkpoints, swapped in whole: a crash leaves the old pipeline or no pipeline, no mix
             with atomic_entries(output_dir, "model_index.json", stale=("README.md", "training_config.json")) as tmp:
-                final.save_pretrained(tmp)
+                with disk_full_explained(output_dir, "the trained pipeline", full_disk_advice(output_dir), partial=tmp):
+                    final.save_pretrained(tmp)
             saved = output_dir
         options = config.to_dict() | {"seed": seed}  # the seed the run used, also when it was drawn: reproducible
         atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
