@@ -286,6 +286,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, but this call needs {shape}.")
+        elif not torch.isfinite(latents).all():  # one host read, of the caller's tensor: they would sample black images
+            raise ValueError("latents hold NaN or infinite values: pass finite noise (e.g. from torch.randn).")
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None, eta: float) -> dict:
@@ -299,6 +301,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             return latents
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor  # undo the training-time scaling
         images = self.vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+        if output_type in ("pil", "np") and not torch.isfinite(images).all():  # they go to the host next anyway
+            logger.warning(
+                f"The images hold NaN or infinite values (they show as black): the UNet or the VAE overflowed in "
+                f"{self.unet.dtype} / {self.vae.dtype}. float16 overflows most often: sample in bfloat16 or float32."
+            )
         return self.image_processor.postprocess(images, output_type=output_type)
 
     # ---- generation --------------------------------------------------------------------------------------------

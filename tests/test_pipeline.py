@@ -1,6 +1,7 @@
 """LatentDiffusionPipeline: a correct sampler, StableDiffusionPipeline's behaviour, and folders that move both ways."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -254,12 +255,28 @@ def test_a_unet_that_reuses_its_output_buffer_gives_the_same_images(pipe, monkey
         (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), r"\['noise_pred'\] are not available"),
         (dict(generator=[torch.Generator()] * 3), "Got 3 generators for 1 images"),
         (dict(latents=torch.zeros(1, 4, 16, 16)), r"latents have shape \(1, 4, 16, 16\), but this call needs"),
+        (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), "latents hold NaN or infinite values"),
     ],
 )  # fmt: skip
 def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
     kwargs = {"prompt": PROMPTS[0], "num_inference_steps": 1, **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
+
+
+def test_images_that_overflowed_are_named_in_a_warning(pipe, monkeypatch, caplog):
+    """A float16 overflow makes NaN images, which PIL shows as black: the call says why instead of nothing."""
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, return_dict: (decode(z, return_dict=False)[0] * float("nan"),))
+    with caplog.at_level(logging.WARNING, logger="latentdiff"):
+        image = pipe(PROMPTS[0], num_inference_steps=1).images[0]
+    assert "The images hold NaN or infinite values (they show as black)" in caplog.text
+    assert "sample in bfloat16 or float32" in caplog.text and not np.asarray(image).any()
+    caplog.clear()
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="latentdiff"):
+        pipe(PROMPTS[0], num_inference_steps=1)
+    assert "NaN" not in caplog.text
 
 
 def test_custom_timesteps_need_a_scheduler_that_takes_them(pipe):
