@@ -9,7 +9,7 @@ Each figure of issue 8, for diffusers' UNet2DConditionModel and ours, same confi
 
     python benchmarks/gpu.py --json all.json                  # every part; split it with --only (see README)
     python benchmarks/gpu.py --only b --ours eager,compile,compile+channels-last,compile-cg --diffusers eager
-    python benchmarks/gpu.py --only b --profile kernels.txt   # + each variant's top kernels (torch.profiler)
+    python benchmarks/gpu.py --only b --profile kernels.txt   # + each variant's top kernels and time by kind
     python benchmarks/gpu.py --table a.json bcd.json          # markdown rows for docs/performance.md
     python benchmarks/gpu.py --device cpu --tiny              # the same code on a tiny config: checks the script
 
@@ -54,6 +54,7 @@ from latentdiff.tiny import SD_SCHEDULE
 from latentdiff.tokenizer import build_clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_time import describe_breakdown, profile_kernels  # noqa: E402  (beside this file)
 from unet import CONFIGS, make_inputs  # noqa: E402  (the UNet benchmark beside this file)
 
 PARTS = ("a", "b", "c", "d")
@@ -179,19 +180,6 @@ def count_host_syncs(fn: Callable[[], object]) -> int:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def kernel_table(fn: Callable[[], object], device: torch.device, calls: int = 3) -> str:
-    """Where the time of `calls` calls goes, by operator and kernel (torch.profiler), largest self time first."""
-    cuda = device.type == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(calls):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90)
-
-
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output - reference).norm() / reference.norm().clamp_min(1e-12)).item()
 
@@ -202,7 +190,7 @@ class Bench:
     def __init__(self, sizes: Sizes, device: torch.device, warmup: int, repeats: dict, peak_flops: float | None,
                  profile: str | None = None):  # fmt: skip
         self.sizes, self.device, self.warmup, self.repeats, self.peak_flops = sizes, device, warmup, repeats, peak_flops
-        self.profile = profile  # a text file that gets each timed variant's kernel table (parts b, c, d)
+        self.profile = profile  # a text file that gets each timed variant's kernel table
         # bf16 as the issue measures it; fp32 on a CPU, whose bf16 convolutions are slower, not faster
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tokenizer = build_clip_tokenizer()
@@ -249,15 +237,18 @@ class Bench:
             self.flops[key] = counter()
         return self.flops[key]
 
-    def profile_calls(self, part: str, kind: str, variant: Variant, call: Callable[[], object]) -> None:
+    def profile_calls(self, part: str, kind: str, variant: Variant, call: Callable[[], object]) -> dict:
+        """With --profile: append the call's kernel table to the profile file; return its device milliseconds
+        per call by kernel kind (`kernel_ms_by_kind`), the input of the profile-based account."""
         if not self.profile:
-            return
+            return {}
         try:
-            table = kernel_table(call, self.device)
+            table, by_kind = profile_kernels(call, self.device)
         except Exception as error:  # noqa: BLE001  (a profiler failure must not lose the variant's timings)
-            table = f"profiling failed: {type(error).__name__}: {error}"
+            table, by_kind = f"profiling failed: {type(error).__name__}: {error}", {}
         with open(self.profile, "a") as handle:
             handle.write(f"\n## {part} {kind}/{variant.name}\n{table}\n")
+        return {"kernel_ms_by_kind": by_kind} if by_kind else {}
 
     # ---- the parts: each returns its figures and the output that the correctness columns compare ----------
 
@@ -280,6 +271,7 @@ class Bench:
             losses.append(loss.detach())
 
         figures = time_runs(step, self.device, self.warmup, self.repeats["a"])
+        figures |= self.profile_calls("a", kind, variant, step)
         flops = self.count(("a", kind), lambda: self.meta_flops(kind, batch, train=True))
         figures["samples_per_s"] = batch / figures["seconds"]
         figures["tflops_per_s"] = flops / figures["seconds"] / 1e12
@@ -298,7 +290,7 @@ class Bench:
         figures = time_runs(call, self.device, self.warmup, self.repeats["b"])
         flops = self.count(("b", kind), lambda: self.meta_flops(kind, 2, train=False))
         figures["tflops_per_s"] = flops / figures["seconds"] / 1e12
-        self.profile_calls("b", kind, variant, call)
+        figures |= self.profile_calls("b", kind, variant, call)
         return figures, outputs[0].float().cpu()
 
     def pipeline(self, kind: str, variant: Variant, part: str) -> tuple[dict, torch.Tensor]:
@@ -332,7 +324,7 @@ class Bench:
         figures = time_runs(call, self.device, self.warmup, self.repeats[part])
         if self.device.type == "cuda":
             figures["host_syncs"] = count_host_syncs(call)
-        self.profile_calls(part, kind, variant, call)
+        figures |= self.profile_calls(part, kind, variant, call)
         return figures, outputs[0].float().cpu()
 
     def run(self, part: str, kind: str, variant: Variant) -> dict:
@@ -472,6 +464,8 @@ def benchmark(args: argparse.Namespace, device: torch.device, variants: dict, ar
             figures = bench.run(part, kind, variant)
             results.setdefault(part, {})[f"{kind}/{variant.name}"] = figures
             print(f"{part} {kind}/{variant.name}: {describe(part, figures)}", flush=True)
+            if "kernel_ms_by_kind" in figures:
+                print(f"  {describe_breakdown(figures['kernel_ms_by_kind'], figures['seconds'])}", flush=True)
             if args.json:  # after every variant: a run stopped at the device's time limit keeps what it measured
                 flops = {f"{p}/{k}": value for (p, k), value in bench.flops.items()}
                 write_json(args.json, {"meta": meta, "flops": flops, "results": results, "ratios": ratios(results)})
@@ -489,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default per part)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
     parser.add_argument("--json", default=None, help="write every figure to this file")
-    parser.add_argument("--profile", default=None, help="append each variant's kernel table (parts b-d) to this file")
+    parser.add_argument("--profile", default=None, help="append each variant's kernel table to this file and report "
+                        "its device time by kernel kind")
     parser.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print saved results as markdown")
     args = parser.parse_args(argv)
 

@@ -100,10 +100,61 @@ def test_profile_appends_one_kernel_table_per_variant(gpu, tmp_path):
     bench.profile, bench.device = str(tmp_path / "kernels.txt"), torch.device("cpu")
     conv, image = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
     for name in ("eager", "compile"):
-        bench.profile_calls("b", "ours", gpu.Variant(name), lambda: conv(image))
+        figures = bench.profile_calls("b", "ours", gpu.Variant(name), lambda: conv(image))
+        assert figures["kernel_ms_by_kind"]["gemm/conv"] > 0
     text = (tmp_path / "kernels.txt").read_text()
     assert [line for line in text.splitlines() if line.startswith("## ")] == ["## b ours/eager", "## b ours/compile"]
     assert text.count("aten::convolution ") == 2
+    bench.profile = None
+    assert bench.profile_calls("b", "ours", gpu.Variant("eager"), lambda: conv(image)) == {}
+
+
+KERNEL_NAMES = {  # as CUDA (cuBLAS, cuDNN, flash, ATen, inductor) and the CPU's ATen operators name them
+    "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT": "gemm/conv",
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "gemm/conv",
+    "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "gemm/conv",
+    "triton_tem_fused_mm_1": "gemm/conv",
+    "aten::mkldnn_convolution": "gemm/conv",
+    "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>": "copy/cast/layout",
+    "flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128, 128, 8>>": "attention",
+    "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x64x64": "attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "triton_poi_fused_convolution_silu_0": "compiled (triton)",  # a bias add and SiLU, not a convolution
+    "triton_red_fused_native_group_norm_3": "compiled (triton)",
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>": "norm",
+    "void at::native::elementwise_kernel<128, 2, GroupNormKernelImplInternal<c10::BFloat16, float>::lambda>": "norm",
+    "void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
+    "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float, 4>>": "optimizer",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda>": "copy/cast/layout",
+    "void at::native::CatArrayBatchedCopy<c10::BFloat16, unsigned int, 4, 64, 64>": "copy/cast/layout",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise",
+    "aten::silu": "elementwise",
+    "aten::empty": "other",
+}
+
+
+def test_kernels_are_sorted_into_kinds_and_summed_per_call(tmp_path):
+    kernel_time = load_benchmark("kernel_time")
+    assert {name: kernel_time.kernel_kind(name) for name in KERNEL_NAMES} == KERNEL_NAMES
+    line = kernel_time.describe_breakdown({"gemm/conv": 60.0, "attention": 20.0, "norm": 20.0}, seconds=0.125)
+    assert line == "kernels 100.0 ms of 125.0 ms (20% outside them): gemm/conv 60%, attention 20%, norm 20%"
+    linear, x = nn.Linear(64, 64), torch.randn(256, 64)
+    table, by_kind = kernel_time.profile_kernels(lambda: torch.nn.functional.silu(linear(x)), torch.device("cpu"))
+    assert "aten::addmm" in table and set(by_kind) >= {"gemm/conv", "elementwise"}
+    assert list(by_kind.values()) == sorted(by_kind.values(), reverse=True)  # largest first
+
+
+def test_profiled_training_step_reports_its_time_by_kind(gpu, tmp_path):
+    argv = ["--device", "cpu", "--tiny", "--only", "a", "--repeats", "1", "--warmup", "0",
+            "--profile", str(tmp_path / "kernels.txt"), "--json", str(tmp_path / "a.json")]  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert gpu.main(argv) == 0
+    results = json.loads((tmp_path / "a.json").read_text())["results"]["a"]
+    for name in ("diffusers/eager", "ours/eager"):
+        assert results[name]["kernel_ms_by_kind"]["gemm/conv"] > 0, name
+    assert printed.getvalue().count("  kernels ") == 2 and "## a ours/eager" in (tmp_path / "kernels.txt").read_text()
 
 
 def test_variants_parse_and_bad_ones_are_named(gpu):
