@@ -127,7 +127,12 @@ def disk_full_explained(
 def _filled_the_disk(error: Exception, folder: str | os.PathLike) -> bool:
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error):
         return True
-    return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < _NEARLY_FULL
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:  # the folder itself is gone (removed during the run): that is the error to report
+        return False
 
 
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:

@@ -287,6 +287,9 @@ def test_a_failed_write_with_space_left_keeps_its_own_error(tmp_path):
         with disk_full_explained(tmp_path, "x", "advice", partial):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert error.value.errno == errno.ENOSPC and not partial.exists()
+    with pytest.raises(FileNotFoundError) as error, disk_full_explained(tmp_path / "gone", "x", "advice"):
+        raise FileNotFoundError("the run's folder was removed")
+    assert str(error.value) == "the run's folder was removed"  # its own error, not the free-space check's
 
 
 # ---- NaN and inf ------------------------------------------------------------------------------------------------
