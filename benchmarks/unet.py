@@ -19,6 +19,7 @@ import gc
 import json
 import multiprocessing
 import statistics
+import sys
 import time
 
 import diffusers
@@ -95,6 +96,24 @@ def time_interleaved(models: dict, inputs: tuple, backward: bool, repeats: int, 
             sync(device)
             times[kind].append(time.perf_counter() - start)
     return {kind: statistics.median(values) for kind, values in times.items()}
+
+
+def python_calls(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """Python-level function calls in one forward (C functions not counted): host work that an eager GPU forward
+    waits for between launches, counted exactly instead of timed."""
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    with torch.no_grad():
+        sys.setprofile(count)
+        try:
+            model(*inputs, return_dict=False)
+        finally:
+            sys.setprofile(None)
+    return calls
 
 
 def _resident_bytes(field: str) -> int:
@@ -179,6 +198,9 @@ def main() -> None:
               f"{results[mode]['time_ratio']:>24.3f}")
         print(f"{mode + ' peak (MiB)':<26}{peaks[first] / 2**20:>14.1f}{peaks[second] / 2**20:>12.1f}"
               f"{results[mode]['memory_ratio']:>24.3f}")
+    calls = {kind: python_calls(model, inputs) for kind, model in models.items()}
+    results["python_calls_per_forward"] = calls
+    print(f"{'python calls per forward':<26}{calls[first]:>14}{calls[second]:>12}{calls[first] / calls[second]:>24.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
