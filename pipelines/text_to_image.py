@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
@@ -49,12 +50,13 @@ STABLE_DIFFUSION_INDEX = {
 }
 
 
-class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
     r"""Text-to-image generation with a latent diffusion model (Stable Diffusion 1.x/2.x layout).
 
     LoRA adapters in diffusers' format (ours from `latentdiff train --lora_rank`, or any SD-1.x/2.x LoRA) load with
     diffusers' own API: `load_lora_weights`, `set_adapters`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights`;
-    `cross_attention_kwargs={"scale": s}` scales them for one call (docs/lora.md).
+    `cross_attention_kwargs={"scale": s}` scales them for one call (docs/lora.md). diffusers' Stable Diffusion helpers
+    work as there: `enable_freeu`, `fuse_qkv_projections`, `enable_attention_slicing`, `enable_vae_slicing`, ...
 
     Args:
         vae (`AutoencoderKL`): Encodes images to latents and decodes latents to images.

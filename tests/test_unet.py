@@ -128,6 +128,15 @@ def test_our_checkpoint_loads_into_diffusers(tmp_path, unet_config):
         assert (ours(**inputs).sample - reference.eval()(**inputs).sample).abs().max().item() <= 1e-5
 
 
+def test_pickle_weights_load_only_when_asked_for(tmp_path):
+    reference = diffusers.UNet2DConditionModel(**UNET_CONFIGS["sd1"])
+    reference.save_pretrained(tmp_path / "unet", safe_serialization=False)  # diffusion_pytorch_model.bin only
+    with pytest.raises(OSError, match=r"only as pickle \(diffusion_pytorch_model.bin\).*use_safetensors=False"):
+        UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
+    ours = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet", use_safetensors=False)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
 def test_num_attention_heads_is_stored_as_diffusers_attention_head_dim(tmp_path):
     config = dict(UNET_CONFIGS["sd2"], num_attention_heads=(2, 4, 8))
     del config["attention_head_dim"]
@@ -190,6 +199,88 @@ def test_diffusers_default_values_of_unsupported_keys_are_accepted(tmp_path):
 def test_unsupported_constructor_value_names_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         UNet2DConditionModel(**dict(UNET_CONFIGS["sd1"], **{key: value}))
+
+
+def test_a_full_diffusers_config_constructs_ours():
+    """`UNet2DConditionModel(**diffusers_unet.config)`: diffusers' keys for features we lack are taken at their
+    defaults, refused with the key named otherwise; an unknown key is a TypeError, as for any Python call."""
+    reference = diffusers.UNet2DConditionModel(**UNET_CONFIGS["sd1"])
+    config = {k: v for k, v in reference.config.items() if not k.startswith("_")}
+    ours = UNet2DConditionModel(**config)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    assert "dual_cross_attention" not in ours.config  # not saved: diffusers' default applies when it loads ours
+    with pytest.raises(ValueError, match="'dual_cross_attention' = True is not supported"):
+        UNet2DConditionModel(**dict(config, dual_cross_attention=True))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'attention_heads'"):
+        UNet2DConditionModel(**UNET_CONFIGS["sd1"], attention_heads=4)
+
+
+@pytest.mark.parametrize("only_cross", [True, (False, True)])
+def test_only_cross_attention_leaves_the_mid_block_self_attending(only_cross):
+    """The text width equals the last block's, so a mid block built cross-only would load diffusers' weights
+    silently and compute something else."""
+    config = dict(UNET_CONFIGS["sd1"], only_cross_attention=only_cross, cross_attention_dim=64)
+    reference, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        assert (ours(**inputs).sample - reference(**inputs).sample).abs().max().item() <= 1e-5
+
+
+def test_config_dropout_is_the_resnets_only():
+    config = dict(UNET_CONFIGS["sd1"], dropout=0.1)
+    reference, ours = (model(**config) for model in (diffusers.UNet2DConditionModel, UNet2DConditionModel))
+    active = [{n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+              for model in (reference, ours)]  # fmt: skip
+    assert active[0] == active[1] and all(".resnets." in name for name in active[1])
+
+
+def down_block_outputs(model: torch.nn.Module, inputs: dict) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """(output, skips) of each down block of one forward."""
+    outputs = []
+    hooks = [block.register_forward_hook(lambda m, args, out: outputs.append(out)) for block in model.down_blocks]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+ADAPTER_CONFIGS = dict(  # the last one starts with a block that downsamples without attention
+    UNET_CONFIGS, plain_first=dict(UNET_CONFIGS["sd1"], down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTER_CONFIGS))
+def test_controlnet_and_t2i_adapter_residuals_match_diffusers(name):
+    config = ADAPTER_CONFIGS[name]
+    reference, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    generator = torch.Generator().manual_seed(1)
+    blocks = down_block_outputs(ours, inputs)
+    with torch.no_grad():  # ControlNet: one residual per skip (conv_in's output and every block's), and the mid's
+        skips = [ours.conv_in(inputs["sample"])] + [skip for _, block_skips in blocks for skip in block_skips]
+    controlnet = dict(
+        down_block_additional_residuals=tuple(torch.randn(s.shape, generator=generator) for s in skips),
+        mid_block_additional_residual=torch.randn(blocks[-1][0].shape, generator=generator),
+    )
+    # a T2I-Adapter's feature has the shape of the block's output, or of its last layer's before a downsampler
+    adapter = dict(down_intrablock_additional_residuals=[
+        torch.randn((out if block.attentions is None else block_skips[len(block.resnets) - 1]).shape,
+                    generator=generator) for block, (out, block_skips) in zip(ours.down_blocks, blocks)
+    ])  # fmt: skip
+    with torch.no_grad():
+        plain = ours(**inputs).sample
+        for residuals in (controlnet, adapter):
+            copies = {k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in residuals.items()}
+            expected = reference(**inputs, **copies).sample  # diffusers pops the adapter list: give it a copy
+            actual = ours(**inputs, **residuals).sample
+            assert (actual - expected).abs().max().item() <= 1e-5
+            assert (actual - plain).abs().max().item() > 1e-2  # the residuals were used
+    with pytest.raises(ValueError, match="ControlNet residuals come in pairs"):
+        ours(**inputs, mid_block_additional_residual=controlnet["mid_block_additional_residual"])
+    with pytest.raises(ValueError, match="ControlNet residuals come in pairs"):
+        ours(**inputs, down_block_additional_residuals=controlnet["down_block_additional_residuals"])
 
 
 def test_xformers_missing_gives_an_actionable_error(monkeypatch):

@@ -31,6 +31,7 @@ def attention(
     upcast: bool = False,
     xformers_op: Callable | None = None,
     use_xformers: bool = False,
+    slice_size: int | None = None,
 ) -> torch.Tensor:
     """Attend ``(B, N, heads·d)`` queries over ``(B, L, heads·d)`` keys/values; returns ``(B, N, heads·d)``.
 
@@ -39,6 +40,9 @@ def attention(
             Additive bias broadcastable to ``(B, heads, N, L)``; ``-10000`` masks a key out (diffusers' convention).
         upcast (`bool`, defaults to `False`):
             Compute in fp32: SD-2.x's 768-px UNet overflows fp16 in ``Q Kᵀ`` otherwise.
+        slice_size (`int`, *optional*):
+            diffusers' attention slicing: SDPA over ``slice_size`` of the ``B·heads`` (query, key) pairs at a time,
+            for a kernel that would hold all the ``N × L`` weights at once (PyTorch's math fallback). Same result.
     """
     batch, n_query, inner = query.shape
     head_dim = inner // heads
@@ -57,8 +61,29 @@ def attention(
     q, k, v = (x.reshape(batch, x.shape[1], heads, head_dim).transpose(1, 2) for x in (query, key, value))  # (B, heads, ·, d)
     if bias is not None:
         bias = bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, d)
+    if slice_size is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, d)
+    else:
+        out = _sliced_attention(q, k, v, bias, slice_size)
     return out.transpose(1, 2).reshape(batch, n_query, inner).to(out_dtype)
+
+
+def _sliced_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, slice_size: int
+) -> torch.Tensor:
+    """SDPA on ``slice_size`` rows of the flattened ``(B·heads)`` at a time; ``(B, heads, N, d)`` out."""
+    batch, heads = q.shape[:2]
+    q, k, v = (x.flatten(0, 1) for x in (q, k, v))  # (B·heads, ·, d)
+    if bias is not None:
+        bias = bias.expand(batch, heads, *bias.shape[2:]).flatten(0, 1)  # (B·heads, 1 or N, L)
+    out = [
+        F.scaled_dot_product_attention(
+            q[i : i + slice_size], k[i : i + slice_size], v[i : i + slice_size],
+            attn_mask=None if bias is None else bias[i : i + slice_size],
+        )  # fmt: skip
+        for i in range(0, q.shape[0], slice_size)
+    ]
+    return torch.cat(out).unflatten(0, (batch, heads))
 
 
 class Attention(nn.Module):
@@ -70,7 +95,6 @@ class Attention(nn.Module):
         heads: int,
         head_dim: int,
         context_dim: int | None = None,
-        dropout: float = 0.0,
         upcast: bool = False,
     ):
         super().__init__()
@@ -81,10 +105,12 @@ class Attention(nn.Module):
         self.upcast = upcast
         self.use_xformers = False
         self.xformers_op: Callable | None = None
+        self.slice_size: int | None = None  # diffusers' attention slicing (`UNet2DConditionModel.set_attention_slice`)
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        # diffusers' layout (its key `to_out.0.weight`); its UNets build the dropout at 0 whatever the config says
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
         # [W_q; W_k; W_v] (self) or [W_k; W_v] (cross) once fused; not persistent: the views carry the keys
         self.register_buffer("fused_weight", None, persistent=False)
         self.register_load_state_dict_post_hook(_fuse_again_after_load)
@@ -175,6 +201,7 @@ class Attention(nn.Module):
             upcast=self.upcast,
             xformers_op=self.xformers_op,
             use_xformers=self.use_xformers,
+            slice_size=self.slice_size,
         )
         return self.to_out[1](self.to_out[0](out))
 

@@ -103,9 +103,10 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+        # diffusers' layout (keys `net.0`, `net.2`); as in its UNets, the dropout is 0 whatever the config says
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -125,18 +126,17 @@ class BasicTransformerBlock(nn.Module):
         heads: int,
         head_dim: int,
         context_dim: int,
-        dropout: float = 0.0,
         only_cross_attention: bool = False,
         upcast: bool = False,
     ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
         self.norm1 = LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None, dropout, upcast)
+        self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None, upcast)
         self.norm2 = LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim, dropout, upcast)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, upcast)
         self.norm3 = LayerNorm(dim)
-        self.ff = FeedForward(dim, dropout)
+        self.ff = FeedForward(dim)
 
     def forward(
         self,
@@ -164,7 +164,6 @@ class Transformer2DModel(nn.Module):
         context_dim: int,
         num_layers: int = 1,
         groups: int = 32,
-        dropout: float = 0.0,
         use_linear_projection: bool = False,
         only_cross_attention: bool = False,
         upcast: bool = False,
@@ -177,7 +176,7 @@ class Transformer2DModel(nn.Module):
         projection = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = projection(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout, only_cross_attention, upcast)
+            BasicTransformerBlock(inner, heads, head_dim, context_dim, only_cross_attention, upcast)
             for _ in range(num_layers)
         )
         self.proj_out = projection(inner, channels)
@@ -243,14 +242,13 @@ class AttentionSpec:
     only_cross_attention: bool = False
     upcast: bool = False
 
-    def build(self, channels: int, groups: int, dropout: float) -> Transformer2DModel:
+    def build(self, channels: int, groups: int) -> Transformer2DModel:
         return Transformer2DModel(
             channels,
             self.heads,
             self.context_dim,
             self.num_layers,
             groups,
-            dropout,
             self.use_linear_projection,
             self.only_cross_attention,
             self.upcast,
@@ -305,7 +303,7 @@ class DownBlock2D(CheckpointedStage):
         )
         if attention is not None:
             self.attentions = nn.ModuleList(
-                attention.build(out_channels, resnet.groups, resnet.dropout) for _ in range(num_layers)
+                attention.build(out_channels, resnet.groups) for _ in range(num_layers)
             )
         else:
             self.attentions = None
@@ -321,17 +319,42 @@ class DownBlock2D(CheckpointedStage):
         context: torch.Tensor,
         self_bias: torch.Tensor | None = None,
         cross_bias: torch.Tensor | None = None,
+        adapter_residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``adapter_residual`` (a T2I-Adapter's feature for this block) is added where diffusers adds it: with
+        attention, to the last layer's output before the downsampler; without, to the block's output. Either way
+        the skip that holds that tensor gets it too."""
         skips = ()
         for i, resnet in enumerate(self.resnets):
             x = self.run(resnet, x, temb)
             if self.attentions is not None:
                 x = self.run(self.attentions[i], x, context, self_bias, cross_bias)
+                if adapter_residual is not None and i == len(self.resnets) - 1:
+                    x = x + adapter_residual
             skips += (x,)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips += (x,)
+        if adapter_residual is not None and self.attentions is None:
+            x = x + adapter_residual
+            skips = skips[:-1] + (x,)
         return x, skips
+
+
+def freeu(
+    hidden: torch.Tensor, skip: torch.Tensor, backbone_scale: float, skip_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU's two changes before an up-path concatenation (Si et al. 2023, arXiv:2309.11497): the first half of the
+    backbone channels times `backbone_scale`; the skip's four lowest spatial frequencies (the 2×2 around the
+    centred zero frequency) times `skip_scale`, in float32 (no bf16 FFT; fp16's is unstable)."""
+    half = hidden.shape[1] // 2
+    hidden = torch.cat([hidden[:, :half] * backbone_scale, hidden[:, half:]], dim=1)
+    height, width = skip.shape[-2:]
+    spectrum = torch.fft.fftshift(torch.fft.fft2(skip.float()), dim=(-2, -1))
+    mask = torch.ones(height, width, device=skip.device)
+    mask[height // 2 - 1 : height // 2 + 1, width // 2 - 1 : width // 2 + 1] = skip_scale
+    filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))).real
+    return hidden, filtered.to(skip.dtype)
 
 
 class UpBlock2D(CheckpointedStage):
@@ -359,11 +382,12 @@ class UpBlock2D(CheckpointedStage):
         self.resnets = nn.ModuleList(resnets)
         if attention is not None:
             self.attentions = nn.ModuleList(
-                attention.build(out_channels, resnet.groups, resnet.dropout) for _ in range(num_layers)
+                attention.build(out_channels, resnet.groups) for _ in range(num_layers)
             )
         else:
             self.attentions = None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.freeu: tuple[float, float] | None = None  # (backbone, skip) scales: `UNet2DConditionModel.enable_freeu`
 
     def forward(
         self,
@@ -376,7 +400,10 @@ class UpBlock2D(CheckpointedStage):
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips[-1 - i]], dim=1)
+            skip = skips[-1 - i]
+            if self.freeu is not None:
+                x, skip = freeu(x, skip, *self.freeu)
+            x = torch.cat([x, skip], dim=1)
             x = self.run(resnet, x, temb)
             if self.attentions is not None:
                 x = self.run(self.attentions[i], x, context, self_bias, cross_bias)
@@ -401,7 +428,7 @@ class UNetMidBlock2DCrossAttn(CheckpointedStage):
             resnet.build(channels, channels, output_scale_factor) for _ in range(num_layers + 1)
         )
         self.attentions = nn.ModuleList(
-            attention.build(channels, resnet.groups, resnet.dropout) for _ in range(num_layers)
+            attention.build(channels, resnet.groups) for _ in range(num_layers)
         )
 
     def forward(

@@ -5,6 +5,9 @@ checkpoints move both ways; the code is our own and keeps ``forward`` free of Py
 ``torch.compile(fullgraph=True)``.
 """
 
+import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +22,10 @@ from torch import nn
 from .activations import get_activation
 from .attention import fuse_projections, projections_fused, unfuse_projections
 from .blocks import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
+from .diffusers_api import DiffusersUNetAPI
 from .embeddings import SinusoidalTimesteps, TimestepEmbedding
 from .normalization import GroupNorm
-from .unet_config import check_config, drop_fixed_options, per_block
+from .unet_config import check_config, check_fixed_options, drop_fixed_options, per_block
 
 logger = logging.get_logger(__name__)
 
@@ -34,7 +38,7 @@ def _refuse_adapters_while_fused(model: nn.Module) -> None:
         )
 
 
-class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""A conditional UNet that predicts the noise (or velocity) in a noisy latent, given a timestep and text.
 
     Args:
@@ -45,11 +49,13 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         down_block_types / up_block_types (`tuple[str]`): `CrossAttnDownBlock2D`/`DownBlock2D` and
             `CrossAttnUpBlock2D`/`UpBlock2D`, one per resolution.
         mid_block_type (`str`, *optional*, defaults to `"UNetMidBlock2DCrossAttn"`): `None` for no middle block.
-        only_cross_attention (`bool` or per-block `tuple`): The first attention also attends to the text.
+        only_cross_attention (`bool` or per-block `tuple`): The first attention of the down/up blocks also attends
+            to the text (the middle block's never does, as in diffusers).
         block_out_channels (`tuple[int]`, defaults to `(320, 640, 1280, 1280)`): Width at each resolution.
         layers_per_block (`int` or per-block `tuple`, defaults to 2): ResNets per down block (+1 per up block).
         downsample_padding (`int`, defaults to 1), mid_block_scale_factor (`float`, defaults to 1).
-        dropout (`float`), act_fn (`str`, defaults to `"silu"`), norm_num_groups (`int`, defaults to 32),
+        dropout (`float`): In the ResNets only, as in diffusers. act_fn (`str`, defaults to `"silu"`),
+        norm_num_groups (`int`, defaults to 32),
         norm_eps (`float`, defaults to 1e-5).
         cross_attention_dim (`int` or per-block `tuple`, defaults to 1280): Width of the text embeddings.
         transformer_layers_per_block (`int` or per-block `tuple`, defaults to 1).
@@ -72,6 +78,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = True
+    ignore_for_config = ["diffusers_only_options"]
     _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D"]
 
     @register_to_config
@@ -113,8 +120,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         conv_in_kernel: int = 3,
         conv_out_kernel: int = 3,
         time_cond_proj_dim: int | None = None,
+        **diffusers_only_options: Any,
     ):
         super().__init__()
+        check_fixed_options(diffusers_only_options)  # diffusers' keys for features we lack, at their defaults only
         n_blocks = len(block_out_channels)
         check_config(locals(), n_blocks)
         if num_attention_heads is not None:
@@ -165,8 +174,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # 3. middle
         self.mid_block = None
         if mid_block_type is not None:
+            # diffusers' mid block always starts with self-attention: only_cross_attention is the down/up blocks'
+            mid_attention = dataclasses.replace(attention_spec(n_blocks - 1), only_cross_attention=False)
             self.mid_block = UNetMidBlock2DCrossAttn(
-                block_out_channels[-1], resnet, attention_spec(n_blocks - 1), mid_block_scale_factor
+                block_out_channels[-1], resnet, mid_attention, mid_block_scale_factor
             )
 
         # 4. up path: mirror of the down path, one more ResNet per block to consume the downsampler's skip
@@ -209,6 +220,24 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if projection_input_dim is None:
             raise ValueError("class_embed_type='projection' needs projection_class_embeddings_input_dim to be set.")
         return TimestepEmbedding(projection_input_dim, time_embed_dim)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "UNet2DConditionModel":
+        """diffusers' `ModelMixin.from_pretrained`, reading safetensors only unless `use_safetensors` is given:
+        unpickling a `.bin` can run code, so (DESIGN.md, contract 3) it takes `use_safetensors=False` to opt in."""
+        if "use_safetensors" in kwargs:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, use_safetensors=True, **kwargs)
+        except OSError as error:
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            pickles = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+            if not pickles:
+                raise
+            raise OSError(
+                f"{folder} holds its weights only as pickle ({', '.join(pickles)}), which can run code when loaded. "
+                "If you trust it, pass use_safetensors=False, or convert it to safetensors first."
+            ) from error
 
     @classmethod
     def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
@@ -276,6 +305,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
@@ -288,7 +318,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             class_labels (`torch.Tensor`, *optional*): Needed when the config has a class embedding.
             attention_mask / encoder_attention_mask (`torch.Tensor`, *optional*): `(B, L)` with 1 = keep,
                 0 = discard, for self- and cross-attention keys.
-            down_block_additional_residuals / mid_block_additional_residual (*optional*): ControlNet residuals.
+            down_block_additional_residuals / mid_block_additional_residual (*optional*): ControlNet residuals,
+                one per skip and one for the middle block: both or neither.
+            down_intrablock_additional_residuals (*optional*): T2I-Adapter features, one per down block (as
+                diffusers' `StableDiffusionAdapterPipeline` passes them).
             cross_attention_kwargs (`dict`, *optional*): Only `{"scale": s}`, the LoRA scale for this call.
             timestep_cond, added_cond_kwargs: Accepted so diffusers' pipelines can call us; they must be `None`
                 (we have no LCM or SDXL conditioning).
@@ -298,6 +331,18 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(
                 "timestep_cond, added_cond_kwargs and cross_attention_kwargs other than the LoRA 'scale' are not "
                 "supported by this UNet (SD-1.x/2.x style); pass None."
+            )
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError(
+                "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
+                "mid_block_additional_residual (diffusers ignores a lone mid residual and takes lone down residuals "
+                "as T2I-Adapter features, which go in down_intrablock_additional_residuals)."
+            )
+        adapter_residuals = list(down_intrablock_additional_residuals or ())
+        if len(adapter_residuals) > len(self.down_blocks):
+            raise ValueError(
+                f"down_intrablock_additional_residuals has {len(adapter_residuals)} entries for "
+                f"{len(self.down_blocks)} down blocks: give at most one per block."
             )
         # Latent sizes that are not a multiple of 2^(number of upsamplers) need explicit upsample sizes.
         up_factor = 2**self.num_upsamplers
@@ -316,8 +361,9 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # 2. down
         sample = self.conv_in(sample)
         skips = (sample,)
-        for block in self.down_blocks:
-            sample, block_skips = block(sample, emb, encoder_hidden_states, self_bias, cross_bias)
+        for i, block in enumerate(self.down_blocks):
+            adapter = adapter_residuals[i] if i < len(adapter_residuals) else None
+            sample, block_skips = block(sample, emb, encoder_hidden_states, self_bias, cross_bias, adapter)
             skips += block_skips
         if down_block_additional_residuals is not None:
             skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
@@ -325,7 +371,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # 3. mid
         if self.mid_block is not None:
             sample = self.mid_block(sample, emb, encoder_hidden_states, self_bias, cross_bias)
-        if mid_block_additional_residual is not None:
+        if mid_block_additional_residual is not None:  # its down residuals came with it (checked above)
             sample = sample + mid_block_additional_residual
 
         # 4. up: each block takes as many skips as it has ResNets, newest first

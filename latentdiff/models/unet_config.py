@@ -75,12 +75,20 @@ def check_config(options: dict[str, Any], n_blocks: int) -> None:
         raise _unsupported("transformer_layers_per_block", options["transformer_layers_per_block"], "int per block")
 
 
+def check_fixed_options(options: dict[str, Any]) -> None:
+    """Keyword arguments beyond our constructor's own: each must be a `FIXED_DIFFUSERS_OPTIONS` key at its default
+    (so that `UNet2DConditionModel(**diffusers_unet.config)` works); any other key is a `TypeError`, as Python's own."""
+    for key, value in options.items():
+        if key not in FIXED_DIFFUSERS_OPTIONS:
+            raise TypeError(f"UNet2DConditionModel got an unexpected keyword argument {key!r}.")
+        if value != FIXED_DIFFUSERS_OPTIONS[key]:
+            raise _unsupported(key, value, FIXED_DIFFUSERS_OPTIONS[key])
+
+
 def drop_fixed_options(config_dict: dict[str, Any], kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """`FIXED_DIFFUSERS_OPTIONS` removed from a loaded config and its overrides, after checking each is at its default."""
-    for key, default in FIXED_DIFFUSERS_OPTIONS.items():
-        value = kwargs.get(key, config_dict.get(key, default))
-        if value != default:
-            raise _unsupported(key, value, default)
+    merged = {**config_dict, **kwargs}
+    check_fixed_options({key: merged[key] for key in FIXED_DIFFUSERS_OPTIONS if key in merged})
     config_dict = {k: v for k, v in config_dict.items() if k not in FIXED_DIFFUSERS_OPTIONS}
     kwargs = {k: v for k, v in kwargs.items() if k not in FIXED_DIFFUSERS_OPTIONS}
     return config_dict, kwargs

@@ -1,0 +1,117 @@
+"""diffusers' UNet methods that its pipelines call on ours: the attention-processor API mapped onto our one
+attention path (or refused by name), attention slicing and FreeU, each against diffusers' UNet or pipeline."""
+
+import diffusers
+import pytest
+import torch
+from conftest import UNET_CONFIGS, unet_inputs
+from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor2_0,
+)
+from test_unet import paired_models
+
+from latentdiff.models import attention as attention_module
+from latentdiff.pipelines import LatentDiffusionPipeline
+from latentdiff.tiny import tiny_components
+
+FREEU = dict(s1=0.9, s2=0.2, b1=1.5, b2=1.6)  # the values diffusers documents for SD-1.x
+
+
+def test_attn_processors_name_every_attention_as_diffusers_does():
+    reference, ours = paired_models(UNET_CONFIGS["sd2"])
+    processors = ours.attn_processors
+    assert processors.keys() == reference.attn_processors.keys()
+    assert {type(p) for p in processors.values()} == {AttnProcessor2_0}
+    ours.fuse_qkv_projections()
+    assert {type(p) for p in ours.attn_processors.values()} == {FusedAttnProcessor2_0}
+
+
+def test_set_attn_processor_maps_plain_and_fused_processors_onto_our_path():
+    reference, ours = paired_models(UNET_CONFIGS["sd1"])
+    inputs = unet_inputs(UNET_CONFIGS["sd1"])
+    with torch.no_grad():
+        expected = reference(**inputs).sample
+        ours.set_attn_processor(FusedAttnProcessor2_0())  # what pipe.fuse_qkv_projections() sets after fusing
+        assert attention_module.projections_fused(ours)
+        assert (ours(**inputs).sample - expected).abs().max().item() <= 1e-5
+        ours.set_default_attn_processor()
+        assert not attention_module.projections_fused(ours)
+        ours.set_attn_processor({name: AttnProcessor() for name in ours.attn_processors})
+        assert (ours(**inputs).sample - expected).abs().max().item() <= 1e-5
+
+
+def test_processors_we_cannot_run_are_refused_by_name():
+    _, ours = paired_models(UNET_CONFIGS["sd1"])
+    other = IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=24)
+    with pytest.raises(NotImplementedError, match=r"cannot run IPAdapterAttnProcessor2_0.*from_pretrained\(folder"):
+        ours.set_attn_processor(other)
+    mixed = dict(zip(ours.attn_processors, [AttnProcessor2_0(), FusedAttnProcessor2_0()] * 100))
+    with pytest.raises(NotImplementedError, match="One attention path for every module"):
+        ours.set_attn_processor(mixed)
+
+
+@pytest.mark.parametrize("slice_size", ["auto", "max", 3])
+def test_attention_slicing_gives_the_same_output_in_slices(slice_size, monkeypatch):
+    config = UNET_CONFIGS["sd2"]  # heads 2, 4, 8: "auto" slices differ per block
+    _, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        expected = ours(**inputs).sample
+        ours.set_attention_slice(slice_size)
+        calls = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        counted = lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs)  # noqa: E731
+        monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counted)
+        actual = ours(**inputs).sample
+    attentions = len(ours.attn_processors)
+    assert len(calls) > attentions  # each attention ran in more than one slice
+    assert (actual - expected).abs().max().item() <= 1e-5
+    ours.set_attention_slice(None)
+    with pytest.raises(ValueError, match="slice_size must be"):
+        ours.set_attention_slice(0)
+
+
+def test_freeu_matches_diffusers_and_switches_off():
+    reference, ours = paired_models(UNET_CONFIGS["sd2"])
+    inputs = unet_inputs(UNET_CONFIGS["sd2"])
+    with torch.no_grad():
+        plain = ours(**inputs).sample
+        reference.enable_freeu(**FREEU)
+        ours.enable_freeu(**FREEU)
+        expected, actual = reference(**inputs).sample, ours(**inputs).sample
+        assert (actual - expected).abs().max().item() <= 1e-5 and (actual - plain).abs().max().item() > 1e-2
+        ours.disable_freeu()
+        assert torch.equal(ours(**inputs).sample, plain)
+
+
+def test_diffusers_pipeline_helpers_drive_our_unet_as_theirs():
+    """`fuse_qkv_projections`, `enable_freeu` and `enable_attention_slicing` of diffusers' StableDiffusionPipeline
+    and of ours (which has the same mixin) with our UNet give diffusers' UNet's images."""
+    parts = tiny_components(0)
+    reference_unet = diffusers.UNet2DConditionModel.from_config(parts["unet"].config)
+    reference_unet.load_state_dict(parts["unet"].state_dict())
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    theirs = StableDiffusionPipeline(**dict(parts, unet=reference_unet), **extra)
+    pipes = [theirs, StableDiffusionPipeline(**parts, **extra), LatentDiffusionPipeline(**parts)]
+
+    def images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        return pipe("red apple", num_inference_steps=2, generator=generator, output_type="pt").images
+
+    plain = images(theirs)
+    helpers = {"fuse_qkv_projections": lambda p: p.fuse_qkv_projections(),
+               "enable_freeu": lambda p: p.enable_freeu(**FREEU),
+               "enable_attention_slicing": lambda p: p.enable_attention_slicing("max")}  # fmt: skip
+    for name, helper in helpers.items():
+        results = []
+        for pipe in pipes:
+            helper(pipe)
+            results.append(images(pipe))
+            pipe.unfuse_qkv_projections(), pipe.disable_freeu(), pipe.disable_attention_slicing()
+        assert all((r - results[0]).abs().max().item() <= 1e-4 for r in results[1:]), name
+        assert ((results[0] - plain).abs().max().item() > 1e-3) == (name == "enable_freeu"), name
