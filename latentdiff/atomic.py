@@ -104,9 +104,9 @@ def disk_full_explained(
 ) -> Iterator[None]:
     """Turns a write that failed because the disk filled up into one `OSError` (errno ``ENOSPC``) that says so.
 
-    The partial output ``partial``, if given, is deleted first, which gives the space back; the error names what was being
-    written, the free space left, and ``advice`` (what is intact and how to go on). Any other failure is re-raised
-    unchanged.
+    The partial output ``partial``, if given, is deleted first, which gives the space back; the error names what
+    was being written, the free space left, and ``advice`` (what is intact and how to go on). Any other failure is
+    re-raised unchanged.
     """
     try:
         yield
