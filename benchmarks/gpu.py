@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 import latentdiff
 from latentdiff.acceleration import (
@@ -48,9 +47,10 @@ from latentdiff.acceleration import (
     count_flops,
     peak_bf16_flops,
 )
+from latentdiff.atomic import atomic_write_text
 from latentdiff.models.normalization import set_norm_upcast
 from latentdiff.pipelines import LatentDiffusionPipeline
-from latentdiff.tiny import SD_SCHEDULE
+from latentdiff.tiny import SD_SCHEDULE, clip_text_config
 from latentdiff.tokenizer import build_clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -194,11 +194,7 @@ class Bench:
         # bf16 as the issue measures it; fp32 on a CPU, whose bf16 convolutions are slower, not faster
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tokenizer = build_clip_tokenizer()
-        self.text_config = CLIPTextConfig(
-            vocab_size=len(self.tokenizer), max_position_embeddings=self.tokenizer.model_max_length,
-            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, **sizes.text,
-        )  # fmt: skip
+        self.text_config = clip_text_config(self.tokenizer, **sizes.text)
         levels = len(sizes.vae["block_out_channels"])
         self.vae_config = dict(sizes.vae, down_block_types=("DownEncoderBlock2D",) * levels,
                                up_block_types=("UpDecoderBlock2D",) * levels)  # fmt: skip
@@ -420,9 +416,7 @@ def markdown_table(results: dict) -> str:
 
 def write_json(path: str, report: dict) -> None:
     """Atomically: a reader (or a run killed mid-write) never sees half a file."""
-    temporary = Path(path).with_suffix(".tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(report, indent=2))
 
 
 def choose_variants(only: str, diffusers_names: str | None, ours_names: str | None, cuda: bool) -> dict:

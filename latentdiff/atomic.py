@@ -11,15 +11,33 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces ``path`` only once the block finishes; on an error it is removed.
+
+    The temporary sibling (``.tmp-<name>-*``) has a name of its own, so two writers of one path never share it;
+    the result is an ordinary 0644 file (``mkstemp`` makes private ones).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename; returns ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write ``text`` (UTF-8) to ``path`` with `atomic_file`; returns ``path``."""
+    with atomic_file(path) as handle:
+        handle.write(text.encode("utf-8"))
+    return Path(path)
 
 
 def replace_folder(finished: Path, target: Path) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_write_text
 from .cache import cache_dir
 from .emoji import EmojiDataset, load_images
 from .pipelines import LatentDiffusionPipeline
@@ -165,7 +165,8 @@ def build_base(data: EmojiDataset, config: BaseConfig | None = None, out_dir: Pa
     if not stats_file.is_file():
         start = time.perf_counter()
         train(train_stage_config(init, data, config, trained))
-        stats_file.write_text(json.dumps(dict(steps=config.unet_steps, seconds=round(time.perf_counter() - start))))
+        stats = dict(steps=config.unet_steps, seconds=round(time.perf_counter() - start))
+        atomic_write_text(stats_file, json.dumps(stats))  # the stage's completion marker: whole or absent
     unet_stats = json.loads(stats_file.read_text())
 
     pipeline = LatentDiffusionPipeline.from_pretrained(trained, dtype=torch.float32)

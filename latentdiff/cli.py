@@ -11,8 +11,7 @@ from pathlib import Path
 
 # Errors that mean "the input was wrong", worded for the user by the code that raised them.
 # FloatingPointError: training stopped on a NaN/inf loss, with the step named.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ModuleNotFoundError, OSError,
-               FloatingPointError)
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, FloatingPointError)  # OSError: missing files, no network
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -104,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     generate.add_argument("--output-dir", type=Path, default=Path("outputs/generated"),
                           help="gets NNN-<prompt>-seed<S>.png and grid.png (default: outputs/generated)")
-    generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    generate.add_argument("--device", default=None, help="default: cuda when available, else mps, else cpu")
     generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights' dtype (default: fp32)")
     generate.add_argument("--lora", default=None, help="LoRA adapters on top of --model: folder, .safetensors or Hub id")
     generate.add_argument("--lora-scale", type=float, default=None,

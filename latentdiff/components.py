@@ -156,6 +156,22 @@ def load_unet(
         raise ValueError(f"{Path(folder) / 'unet' / 'config.json'}: {error}") from error
 
 
+def load_frozen_parts(
+    folder: Path, *, variant: str | None = None, torch_dtype: torch.dtype | None = None, allow_pickle: bool = False
+) -> tuple[AutoencoderKL, CLIPTextModel]:
+    """The VAE and the text encoder of a checked local folder: what training keeps frozen (by default)."""
+    use_safetensors = None if allow_pickle else True
+    vae = AutoencoderKL.from_pretrained(
+        folder, subfolder="vae", variant=variant, torch_dtype=torch_dtype, use_safetensors=use_safetensors
+    )
+    text_encoder = CLIPTextModel.from_pretrained(
+        folder, subfolder="text_encoder", variant=variant, use_safetensors=use_safetensors
+    )
+    if torch_dtype is not None:  # set after loading: transformers renamed its dtype argument across versions
+        text_encoder = text_encoder.to(torch_dtype)
+    return vae, text_encoder
+
+
 def load_components(
     pretrained_model_name_or_path: str | Path,
     *,
@@ -191,15 +207,7 @@ def load_components(
         local_files_only=local_files_only,
         allow_pickle=allow_pickle,
     )
-    use_safetensors = None if allow_pickle else True
-    vae = AutoencoderKL.from_pretrained(
-        folder, subfolder="vae", variant=variant, torch_dtype=torch_dtype, use_safetensors=use_safetensors
-    )
-    text_encoder = CLIPTextModel.from_pretrained(
-        folder, subfolder="text_encoder", variant=variant, use_safetensors=use_safetensors
-    )
-    if torch_dtype is not None:  # set after loading: transformers renamed its dtype argument across versions
-        text_encoder = text_encoder.to(torch_dtype)
+    vae, text_encoder = load_frozen_parts(folder, variant=variant, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     return ModelComponents(
         vae=vae,
         text_encoder=text_encoder,

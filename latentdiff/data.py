@@ -21,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .text import too_long
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -269,10 +271,7 @@ def warn_long_captions(dataset: datasets.Dataset, caption_column: str, tokenizer
     captions = []
     for value in dataset[caption_column]:
         captions += ["" if c is None else c for c in (value if isinstance(value, (list, tuple)) else [value])]
-    max_length, long = tokenizer.model_max_length, []
-    for start in range(0, len(captions), 1024):
-        ids = tokenizer(captions[start : start + 1024], truncation=False, verbose=False).input_ids
-        long += [start + i for i, tokens in enumerate(ids) if len(tokens) > max_length]
+    max_length, long = tokenizer.model_max_length, too_long(tokenizer, captions)
     if long:
         logger.warning(
             f"{len(long)} of {len(captions)} captions are longer than {max_length} tokens and are cut to "

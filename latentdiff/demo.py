@@ -246,14 +246,15 @@ def measure_prompt_following(pipeline: LatentDiffusionPipeline, data: EmojiDatas
     plus the ceiling: the real held-out emoji through the same retrieval."""
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     train_images = load_images(data.train_dir, resolution, train_records)
-    rates = {}
+    rates, chosen = {}, {}
     for split, records in (("seen", train_records), ("heldout", test_records)):
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        chosen = [records[i] for i in order[: config.quality_prompts]]
-        generated = sample(pipeline, [r["text"] for r in chosen], config, output_type="pt") * 2 - 1  # to [-1, 1]
-        rates[split] = prompt_following(generated, chosen, train_images, train_records)
-    real = load_images(data.test_dir, resolution, chosen)
-    rates["heldout_ceiling"] = prompt_following(real, chosen, train_images, train_records)
+        chosen[split] = [records[i] for i in order[: config.quality_prompts]]
+        prompts = [r["text"] for r in chosen[split]]
+        generated = sample(pipeline, prompts, config, output_type="pt") * 2 - 1  # to [-1, 1]
+        rates[split] = prompt_following(generated, chosen[split], train_images, train_records)
+    real = load_images(data.test_dir, resolution, chosen["heldout"])
+    rates["heldout_ceiling"] = prompt_following(real, chosen["heldout"], train_images, train_records)
     return rates
 
 

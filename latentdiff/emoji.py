@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
 from .cache import cache_dir
+from .examples import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ def fetch_package(dest: Path) -> Path:
         capture_output=True, text=True,
     )
     if result.returncode != 0 or not tarball.is_file():
-        raise RuntimeError(f"`npm pack {PACKAGE}@{VERSION}` failed (exit {result.returncode}):\n{result.stderr}")
+        raise ConnectionError(  # most often no registry access; an OSError: the CLI prints it as one error line
+            f"`npm pack {PACKAGE}@{VERSION}` failed (exit {result.returncode}): npm must reach its registry once to "
+            f"fetch the demo's data set.\n{result.stderr.strip()}"
+        )
     if _sha1(tarball) != PACKAGE_SHA1:
         tarball.unlink()
         raise ValueError(f"{tarball.name} does not have the pinned checksum {PACKAGE_SHA1}; removed, run again.")
@@ -172,9 +176,7 @@ def emoji_records(package: Path) -> list[dict]:
 def on_white(png: Path) -> Image.Image:
     """The emoji composited on a white background, as RGB (transparent pixels become white)."""
     with Image.open(png) as image:
-        rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
+        return to_rgb(image)
 
 
 def convert_package(package: Path, out_dir: Path) -> EmojiDataset:

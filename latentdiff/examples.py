@@ -7,10 +7,7 @@ of the rows, of (seed, epoch)), never of which process, worker or earlier batch 
 an epoch and a run resumed from a checkpoint gets exactly the examples the uninterrupted run would have had.
 """
 
-import contextlib
 import functools
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
@@ -19,7 +16,6 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from .text import logger as text_logger
 from .text import tokenize_prompts
 
 WHITE = (255, 255, 255)
@@ -193,23 +189,11 @@ class EpochShuffler(torch.utils.data.Sampler[int]):
 def collate_examples(examples: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict:
     """Stack examples into a batch and tokenize the captions (`input_ids` `(B, 77)`), cutting long ones quietly:
     `warn_long_captions` reports them once per run."""
-    with _quiet(text_logger):
-        batch = {"input_ids": tokenize_prompts(tokenizer, [e["caption"] for e in examples])}
+    batch = {"input_ids": tokenize_prompts(tokenizer, [e["caption"] for e in examples], warn_if_cut=False)}
     for key in ("pixel_values", "latent_dist"):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples]).contiguous()  # (B, C, H, W)
     return batch
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """Errors only from `logger` inside the block (a data loader worker or the main loop, one thread each)."""
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def make_collate_fn(tokenizer: PreTrainedTokenizerBase) -> functools.partial:

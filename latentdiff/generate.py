@@ -7,7 +7,6 @@ reproducible on any device and whatever batch it was generated in.
 import contextlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from diffusers import (
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from PIL import Image
 
+from latentdiff.atomic import atomic_file
 from latentdiff.hub import as_hub_id, reaching_the_hub
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.pipelines.inputs import is_finite_number
@@ -102,16 +102,9 @@ def _slug(text: str, max_length: int = 40) -> str:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG atomically (temp file + rename), so a crash never leaves a truncated image at `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); an output image is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a PNG atomically, so a crash never leaves a truncated image at `path`."""
+    with atomic_file(path) as handle:
+        image.save(handle, format="PNG")
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:

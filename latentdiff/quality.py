@@ -8,9 +8,10 @@ Method (nearest-neighbour retrieval, no learned judge):
    its record (emoji name, subcategory) is compared with the record of the image's prompt:
    *name match* — the neighbour is the same emoji (any skin tone); *subcategory match* — it is in the same
    subcategory ("fruit", "heart", "country flag"...).
-3. Chance level: the same matches against the records of the *other* prompts, in random order (the mean over
-   many permutations). It answers "how often would these images match a prompt they were not made for?",
-   which accounts for a model that draws the same few emoji whatever it is asked.
+3. Chance level: the same matches against the prompts' records in random order (the mean over many random
+   re-pairings, in which about one image per permutation keeps its own prompt). It answers "how often would
+   these images match a prompt picked at random?", which accounts for a model that draws the same few emoji
+   whatever it is asked.
 4. Ceiling: the same retrieval for the *real* images of the held-out prompts (never in the training set). It
    shows how much the feature space itself can tell; for seen prompts the real image is its own neighbour.
 

@@ -12,7 +12,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 logger = logging.get_logger(__name__)
 
 
-def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> torch.LongTensor:
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], warn_if_cut: bool = True
+) -> torch.LongTensor:
     r"""Token ids of each prompt, padded and truncated to the tokenizer's `model_max_length` (77 for CLIP).
 
     Prompts longer than that lose their end, as in Stable Diffusion; one warning per call says how many did.
@@ -20,6 +22,8 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): The pipeline's tokenizer (a `CLIPTokenizer` for SD).
         prompts (`list[str]`): The prompts; `""` is the unconditional prompt.
+        warn_if_cut (`bool`, *optional*, defaults to `True`): `False` when the caller has warned already (training
+            counts its captions once, `data.warn_long_captions`): spares tokenizing every batch twice.
 
     Returns:
         `torch.LongTensor` of shape `(len(prompts), tokenizer.model_max_length)`.
@@ -28,8 +32,7 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> 
         raise ValueError(f"prompts must be a list of strings, got {prompts!r}.")
     max_length = tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    full_lengths = [len(x) for x in tokenizer(prompts, truncation=False, verbose=False).input_ids]
-    cut = [i for i, n in enumerate(full_lengths) if n > max_length]
+    cut = too_long(tokenizer, prompts) if warn_if_cut else []
     if cut:
         first = tokenizer(prompts[cut[0]], verbose=False).input_ids[max_length - 1 : -1]
         logger.warning(
@@ -37,6 +40,15 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> 
             f"e.g. prompt {cut[0]} lost: {tokenizer.decode(first)!r}"
         )
     return ids.input_ids
+
+
+def too_long(tokenizer: PreTrainedTokenizerBase, texts: list[str], chunk: int = 1024) -> list[int]:
+    """Indices of the texts longer than the tokenizer's `model_max_length` tokens: those it will cut."""
+    long = []
+    for start in range(0, len(texts), chunk):
+        ids = tokenizer(texts[start : start + chunk], truncation=False, verbose=False).input_ids
+        long += [start + i for i, tokens in enumerate(ids) if len(tokens) > tokenizer.model_max_length]
+    return long
 
 
 def encode_prompts(text_encoder: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:

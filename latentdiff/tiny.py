@@ -7,13 +7,15 @@ a 2-layer CLIP text encoder and our UNet with cross-attention on the text width.
 """
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import DDIMScheduler
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .models import UNet2DConditionModel
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, build_clip_tokenizer
+from .vae_training import VAETrainConfig, build_vae
 
 # SD-1.x's noise schedule (its scheduler/scheduler_config.json), with DDIM as the sampler.
 SD_SCHEDULE = dict(
@@ -26,6 +28,18 @@ SD_SCHEDULE = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
+
+
+def clip_text_config(tokenizer: CLIPTokenizer, **sizes: Any) -> CLIPTextConfig:
+    """A `CLIPTextConfig` of the given sizes whose vocabulary, length and special tokens are the tokenizer's."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
+    )
 
 
 def tiny_components(
@@ -58,29 +72,12 @@ def tiny_components(
     tokenizer = build_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-            block_out_channels=vae_channels,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=min(32, vae_channels[0]),
-            sample_size=image_size,
-        )
+        vae = build_vae(VAETrainConfig(resolution=image_size, block_out_channels=vae_channels))
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=text_hidden_size,
-                intermediate_size=2 * text_hidden_size,
-                num_hidden_layers=2,
+            clip_text_config(
+                tokenizer, hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size, num_hidden_layers=2,
                 num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
-                eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            )  # fmt: skip
         )
         unet = UNet2DConditionModel(
             sample_size=image_size // vae_factor,

@@ -48,19 +48,19 @@ def build_vae(config: VAETrainConfig) -> AutoencoderKL:
     )
 
 
-def train_vae(images: torch.Tensor, config: VAETrainConfig, vae: AutoencoderKL | None = None) -> AutoencoderKL:
-    r"""Trains an autoencoder on ``images`` and sets its ``scaling_factor``; returns it in eval mode.
+def train_vae(images: torch.Tensor, config: VAETrainConfig) -> AutoencoderKL:
+    r"""Trains a new autoencoder on ``images`` and sets its ``scaling_factor``; returns it in eval mode.
 
     Args:
         images (`torch.Tensor`): `(N, 3, H, W)` in [-1, 1], with `H == W == config.resolution`.
         config (`VAETrainConfig`): sizes and optimisation settings.
-        vae (`AutoencoderKL`, *optional*): a model to continue training; a new one by default.
     """
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != config.resolution:
         raise ValueError(f"images must be (N, 3, {config.resolution}, {config.resolution}), got {tuple(images.shape)}.")
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    vae = vae if vae is not None else build_vae(config)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, without resetting the caller's global RNG
+        torch.manual_seed(config.seed)
+        vae = build_vae(config)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
@@ -81,15 +81,15 @@ def train_vae(images: torch.Tensor, config: VAETrainConfig, vae: AutoencoderKL |
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(psnr=f"{_psnr_from_mse(mse.item() / 4):.1f}")  # MSE in [-1, 1] → in [0, 1]
     vae.eval()
-    vae.register_to_config(scaling_factor=1.0 / latents(vae, images, scaled=False).std().item())
+    # unit-variance latents for the diffusion model, as SD's 0.18215 does for its VAE
+    vae.register_to_config(scaling_factor=1.0 / posterior_means(vae, images).std().item())
     return vae
 
 
 @torch.no_grad()
-def latents(vae: AutoencoderKL, images: torch.Tensor, scaled: bool = True, batch_size: int = 256) -> torch.Tensor:
-    """The posterior means of ``images`` (deterministic), times ``scaling_factor`` when ``scaled``."""
-    means = [vae.encode(chunk).latent_dist.mode() for chunk in images.split(batch_size)]
-    return torch.cat(means) * (vae.config.scaling_factor if scaled else 1.0)
+def posterior_means(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The posterior means of ``images``: their deterministic, unscaled latents."""
+    return torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()

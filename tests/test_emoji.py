@@ -1,6 +1,7 @@
 """The emoji data set: conversion of a small fake npm package layout into imagefolder + metadata.jsonl."""
 
 import json
+import subprocess
 import tarfile
 
 import numpy as np
@@ -86,6 +87,16 @@ def test_missing_npm_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="apt-get install npm"):
         emoji.prepare_emoji_dataset()
     assert not (tmp_path / f"emoji-google-{emoji.VERSION}").exists()
+
+
+def test_npm_pack_failing_is_a_connection_error_with_npm_s_words(tmp_path, monkeypatch):
+    """Offline, `npm pack` fails: an OSError (one `error:` line from the CLI) that keeps what npm said."""
+    monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path))
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: "/usr/bin/npm")
+    failed = subprocess.CompletedProcess([], returncode=1, stdout="", stderr="npm error code EAI_AGAIN\n")
+    monkeypatch.setattr(emoji.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(ConnectionError, match=r"must reach its registry once(.|\n)*EAI_AGAIN"):
+        emoji.prepare_emoji_dataset()
 
 
 def test_unpack_takes_only_the_data_and_refuses_escaping_paths(fake_package, tmp_path):

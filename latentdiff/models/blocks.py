@@ -242,6 +242,10 @@ class AttentionSpec:
     only_cross_attention: bool = False
     upcast: bool = False
 
+    def build_many(self, n: int, channels: int, groups: int) -> nn.ModuleList:
+        """A stage's `n` transformers (one after each of its ResNets)."""
+        return nn.ModuleList(self.build(channels, groups) for _ in range(n))
+
     def build(self, channels: int, groups: int) -> Transformer2DModel:
         return Transformer2DModel(
             channels,
@@ -301,12 +305,7 @@ class DownBlock2D(CheckpointedStage):
         self.resnets = nn.ModuleList(
             resnet.build(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)
         )
-        if attention is not None:
-            self.attentions = nn.ModuleList(
-                attention.build(out_channels, resnet.groups) for _ in range(num_layers)
-            )
-        else:
-            self.attentions = None
+        self.attentions = None if attention is None else attention.build_many(num_layers, out_channels, resnet.groups)
         if add_downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)])
         else:
@@ -380,12 +379,7 @@ class UpBlock2D(CheckpointedStage):
             input_channels = prev_output_channels if i == 0 else out_channels
             resnets.append(resnet.build(input_channels + skip_channels, out_channels))
         self.resnets = nn.ModuleList(resnets)
-        if attention is not None:
-            self.attentions = nn.ModuleList(
-                attention.build(out_channels, resnet.groups) for _ in range(num_layers)
-            )
-        else:
-            self.attentions = None
+        self.attentions = None if attention is None else attention.build_many(num_layers, out_channels, resnet.groups)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
         self.freeu: tuple[float, float] | None = None  # (backbone, skip) scales: `UNet2DConditionModel.enable_freeu`
 
@@ -427,9 +421,7 @@ class UNetMidBlock2DCrossAttn(CheckpointedStage):
         self.resnets = nn.ModuleList(
             resnet.build(channels, channels, output_scale_factor) for _ in range(num_layers + 1)
         )
-        self.attentions = nn.ModuleList(
-            attention.build(channels, resnet.groups) for _ in range(num_layers)
-        )
+        self.attentions = attention.build_many(num_layers, channels, resnet.groups)
 
     def forward(
         self,

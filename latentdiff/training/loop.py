@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..acceleration import compile_unet
 from ..atomic import atomic_entries, atomic_write_text, disk_full_explained, remove_leftovers
-from ..components import load_components, resolve_model_folder
+from ..components import load_components, load_frozen_parts, load_unet, resolve_model_folder
 from ..data import load_image_caption_dataset, warn_long_captions
 from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
 from ..hub import create_hub_repo, model_card, push_to_hub, write_model_card
@@ -132,23 +132,26 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     ema = None
     if config.use_ema:
         ema = EMAModel(
-            unet, config.ema_decay, config.ema_min_decay, config.ema_update_after_step, config.ema_use_warmup,
-            config.ema_inv_gamma, config.ema_power,
+            unet, decay=config.ema_decay, min_decay=config.ema_min_decay, update_after_step=config.ema_update_after_step,
+            use_warmup=config.ema_use_warmup, inv_gamma=config.ema_inv_gamma, power=config.ema_power,
         ).to(accelerator.device)  # fmt: skip
     register_hooks(accelerator, ema, lora)
 
     # 3. Data: rows → examples (seeded by seed, epoch, row) → one shared order per epoch → each process its batches
     with accelerator.main_process_first():
         rows = load_image_caption_dataset(
-            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.cache_dir,
-            config.image_column, config.caption_column, config.max_train_samples, seed, config.on_bad_image,
+            dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
+            train_data_dir=config.train_data_dir, cache_dir=config.cache_dir, image_column=config.image_column,
+            caption_column=config.caption_column, max_train_samples=config.max_train_samples, seed=seed,
+            on_bad_image=config.on_bad_image,
         )  # fmt: skip
     if accelerator.is_main_process:
         warn_long_captions(rows, config.caption_column, tokenizer)
     transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
     dataset = ImageCaptionDataset(
-        rows, transform, seed, config.image_column, config.caption_column, config.caption_dropout
-    )
+        rows, transform, seed, image_column=config.image_column, caption_column=config.caption_column,
+        caption_dropout=config.caption_dropout,
+    )  # fmt: skip
     if config.cache_latents:
         dataset.use_latent_cache(cache_latent_dists(vae, dataset, config.train_batch_size, accelerator))
     train_dataloader = accelerator.prepare(
@@ -274,17 +277,19 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     unet_state = None if lora else accelerator.get_state_dict(unet)  # all processes: FSDP/ZeRO gather the weights
     if accelerator.is_main_process:
         trained_unet, trained_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-        text_encoder, fresh = trained_text_encoder, None
+        text_encoder = trained_text_encoder
         if lora or weight_dtype != torch.float32:  # the frozen parts as saved, not their half-precision copies
-            fresh = load_components(model_folder, variant=config.variant, allow_pickle=config.allow_pickle)
-            vae = fresh.vae
+            vae, base_text_encoder = load_frozen_parts(
+                model_folder, variant=config.variant, allow_pickle=config.allow_pickle
+            )
             if lora or not config.train_text_encoder:  # a LoRA pipeline starts from the base and loads the adapters
-                text_encoder = fresh.text_encoder
+                text_encoder = base_text_encoder
         sampler = inference_scheduler(
             model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
         )
         if lora:  # the EMA averages the adapters, saved from the trained UNet; the pipeline is the base + file
-            unet, averaged = fresh.unet, trained_unet
+            unet = load_unet(model_folder, variant=config.variant, allow_pickle=config.allow_pickle)
+            averaged = trained_unet
         else:
             unet = UNet2DConditionModel.from_config(trained_unet.config)
             unet.load_state_dict(unet_state)

@@ -49,7 +49,7 @@ def generate_validation_images(
     images = []
     with accelerator.autocast():
         for prompt in prompts:
-            generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)  # on the CPU, as `latentdiff generate` draws: same image
             output = pipeline(
                 prompt,
                 height=resolution,
