@@ -53,12 +53,14 @@ class ImageTransform:
         crop_u, crop_v, flip_u = rng.random(3)  # always drawn, so a setting never shifts later draws
         image = to_rgb(image)
         scale = self.resolution / min(image.size)
-        width, height = (max(self.resolution, round(side * scale)) for side in image.size)
+        # the sizes and offsets torchvision's Resize, CenterCrop and RandomCrop (diffusers' transforms) give
+        width, height = (max(self.resolution, int(side * scale)) for side in image.size)
         image = image.resize((width, height), Image.Resampling.BILINEAR)
+        extra_x, extra_y = width - self.resolution, height - self.resolution
         if self.center_crop:
-            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
-        else:
-            left, top = round(crop_u * (width - self.resolution)), round(crop_v * (height - self.resolution))
+            left, top = int(round(extra_x / 2)), int(round(extra_y / 2))
+        else:  # each offset 0..extra equally likely
+            left, top = int(crop_u * (extra_x + 1)), int(crop_v * (extra_y + 1))
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and flip_u < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -158,6 +158,25 @@ def test_transform_resizes_crops_flips_and_normalises():
     assert len(crops) > 1  # random crops land in different places
 
 
+def test_crop_offsets_are_torchvision_s(monkeypatch):
+    """Sizes and offsets as torchvision's Resize (long side truncated), CenterCrop (offset rounded) and RandomCrop
+    (every offset equally likely; rounding a uniform draw made the two edge offsets half as likely)."""
+    crops = []
+    record = lambda image, box: crops.append((image.size, box)) or Image.new("RGB", (4, 4))  # noqa: E731
+    monkeypatch.setattr(Image.Image, "crop", record)
+    center_crop = ImageTransform(4, center_crop=True)
+    center_crop(Image.new("RGB", (26, 7)), np.random.default_rng(0))
+    assert crops[-1] == ((14, 4), (5, 0, 9, 4))  # 26·4/7 = 14.86 → 14, not 15
+    center_crop(Image.new("RGB", (7, 4)), np.random.default_rng(0))
+    assert crops[-1] == ((7, 4), (2, 0, 6, 4))  # (7 − 4) / 2 = 1.5 → 2, not 1
+    random_crop = ImageTransform(4)
+    crops.clear()
+    for seed in range(900):
+        random_crop(Image.new("RGB", (6, 4)), np.random.default_rng(seed))
+    lefts = np.bincount([box[0] for _, box in crops], minlength=3)
+    assert len(lefts) == 3 and lefts.min() > 250  # offsets 0, 1, 2 about 300 times each
+
+
 def test_captions_lists_and_dropout():
     rng = np.random.default_rng(0)
     picks = {pick_caption(["a", "b", "c"], rng) for _ in range(50)}

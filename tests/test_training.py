@@ -352,10 +352,27 @@ def test_checkpoints_complete_latest_and_rotation_keeps_the_resumed_one(tmp_path
     with pytest.raises(ValueError, match="checkpoint-10 is not a complete checkpoint"):
         resolve_checkpoint(tmp_path, "checkpoint-10")
     assert resolve_checkpoint(tmp_path / "nothing", "latest") is None
+    foreign = tmp_path / "diffusers-run"
+    (foreign / "checkpoint-500" / "unet").mkdir(parents=True)  # diffusers' script: no training_state.json
+    with pytest.raises(ValueError, match="checkpoint-500 in .* have no training_state.json, so latentdiff did not"):
+        resolve_checkpoint(foreign, "latest")
 
     rotate_checkpoints(tmp_path, total_limit=2, keep=tmp_path / "checkpoint-2")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
     assert not (tmp_path / ".tmp-checkpoint-12").exists()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(ema_decay=0.99), "--ema_decay is an EMA option: add --use_ema"),
+        (dict(use_ema=True, ema_power=0.75), "--ema_power is a setting of the EMA warm-up: add --ema_use_warmup"),
+        (dict(lr_scheduler="piecewise_constant"), "lr_scheduler"),
+    ],
+)
+def test_options_that_would_be_ignored_or_crash_are_refused(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(pretrained_model_name_or_path="x", train_data_dir=str(tmp_path), output_dir=str(tmp_path), **options)
 
 
 @pytest.mark.parametrize("use_warmup", [False, True])

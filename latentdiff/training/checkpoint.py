@@ -68,7 +68,17 @@ def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None
     """
     if value == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        if checkpoints:
+            return checkpoints[-1]
+        folder = Path(output_dir)
+        foreign = sorted(p.name for p in folder.iterdir() if _NAME.match(p.name)) if folder.is_dir() else []
+        if foreign:  # starting over would silently throw away the run they hold
+            raise ValueError(
+                f"--resume_from_checkpoint latest: {', '.join(foreign)} in {output_dir} have no {STATE_FILE}, so "
+                "latentdiff did not write them (diffusers' train_text_to_image.py checkpoints look like this) and "
+                "cannot resume them. Resume with the script that wrote them, or train into another --output_dir."
+            )
+        return None
     for candidate in (Path(value), Path(output_dir) / value):
         if candidate.is_dir():
             if not (candidate / STATE_FILE).is_file():

@@ -19,10 +19,11 @@ from .config_file import CONFIG_SUFFIXES, config_file_flags
 from .config_types import check_field_types
 from .lora import UNET_TARGET_MODULES
 
-LR_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant",
-)  # fmt: skip
+# diffusers' get_scheduler names, less piecewise_constant (it needs step rules, which no flag gives)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules")  # meaningful only with --lora_rank
+EMA_FIELDS = ("ema_decay", "ema_min_decay", "ema_update_after_step", "ema_use_warmup", "ema_inv_gamma", "ema_power")
+EMA_WARMUP_FIELDS = ("ema_inv_gamma", "ema_power")  # meaningful only with --ema_use_warmup
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 SECRET_FIELDS = ("hub_token",)  # never logged, saved, printed or written into a model card
 
@@ -168,8 +169,8 @@ class TrainConfig:
     ema_use_warmup: bool = field(
         default=False, metadata=_help("Decay 1-(1+step/inv_gamma)^-power instead of (1+step)/(10+step).")
     )
-    ema_inv_gamma: float = field(default=1.0, metadata=_help("inv_gamma of the EMA warm-up."))
-    ema_power: float = field(default=2 / 3, metadata=_help("power of the EMA warm-up."))
+    ema_inv_gamma: float = field(default=1.0, metadata=_help("inv_gamma of the EMA warm-up (with --ema_use_warmup)."))
+    ema_power: float = field(default=2 / 3, metadata=_help("power of the EMA warm-up (with --ema_use_warmup)."))
 
     # Validation
     validation_prompts: list[str] | None = field(
@@ -227,6 +228,7 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be between 0 and 1, got {getattr(self, name)!r}.")
         self._check_lora()
+        self._check_companions()
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}.")
         if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
@@ -251,13 +253,26 @@ class TrainConfig:
         if self.resume_from_checkpoint not in (None, "latest"):
             resolve_checkpoint(self.output_dir, self.resume_from_checkpoint)  # raises FileNotFoundError
 
+    def _changed(self, names: tuple[str, ...]) -> list[str]:
+        """Which of the fields `names` are set away from their defaults."""
+        defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self) if f.name in names}  # fmt: skip
+        return [name for name in names if getattr(self, name) != defaults[name]]
+
+    def _check_companions(self) -> None:
+        """An option that acts only with another one is an error without it, instead of being silently ignored."""
+        for names, needed, flag, what in ((EMA_FIELDS, self.use_ema, "--use_ema", "an EMA option"),
+                                          (EMA_WARMUP_FIELDS, self.ema_use_warmup, "--ema_use_warmup",
+                                           "a setting of the EMA warm-up")):  # fmt: skip
+            changed = [] if needed else self._changed(names)
+            if changed:
+                raise ValueError(f"--{changed[0]} is {what}: add {flag} for it to take effect, or leave it out.")
+
     def _check_lora(self) -> None:
         items = self.lora_target_modules  # "to_q,to_k" or ["to_q", "to_k"] (a string became a one-item list)
         self.lora_target_modules = [name.strip() for item in items for name in item.split(",") if name.strip()]
         if self.lora_rank is None:
-            defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                        for f in dataclasses.fields(self) if f.name in LORA_FIELDS}  # fmt: skip
-            changed = [name for name in LORA_FIELDS if getattr(self, name) != defaults[name]]
+            changed = self._changed(LORA_FIELDS)
             if changed:
                 raise ValueError(f"--{changed[0]} is a LoRA option: add --lora_rank (e.g. 8) to train LoRA adapters.")
             return
