@@ -105,6 +105,7 @@ class DiffusersUNetAPI:
             block.freeu = (backbone, skip)
 
     def disable_freeu(self) -> None:
+        """Back to the plain up path."""
         for block in self.up_blocks:
             block.freeu = None
 
