@@ -29,6 +29,7 @@ from diffusers import AutoencoderKL
 
 from .atomic import atomic_dir, atomic_write_text
 from .cache import cache_dir
+from .components import vae_scale_factor
 from .emoji import EmojiDataset, load_images
 from .pipelines import LatentDiffusionPipeline
 from .tiny import tiny_components
@@ -102,8 +103,7 @@ def build_init_stage(vae: AutoencoderKL, config: BaseConfig, work_dir: Path) -> 
         parts = tiny_components(config.seed, image_size=resolution, vae_channels=tuple(config.vae.block_out_channels),
                                 text_hidden_size=config.text_hidden_size)  # fmt: skip
         parts["vae"] = vae
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        unet_config = dict(config.unet, sample_size=resolution // vae_factor, in_channels=vae.config.latent_channels,
+        unet_config = dict(config.unet, sample_size=resolution // vae_scale_factor(vae), in_channels=vae.config.latent_channels,
                            out_channels=vae.config.latent_channels, cross_attention_dim=config.text_hidden_size)
         with atomic_dir(folder) as tmp:
             LatentDiffusionPipeline(**parts).save_pretrained(tmp)

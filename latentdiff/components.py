@@ -35,6 +35,11 @@ class ModelComponents:
     scheduler: DDPMScheduler
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """How much the VAE shrinks each side of an image: its encoder halves it at every level but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _hub_patterns(variant: str | None, allow_pickle: bool) -> tuple[list[str], list[str]]:
     """Files of a Hub repo that the five parts need: configs, tokenizer files, and one set of weights."""
     allow = ["model_index.json"] + [f"{sub}/*.json" for sub in PIPELINE_FOLDERS] + ["tokenizer/*.txt"]

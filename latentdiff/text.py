@@ -5,11 +5,12 @@ caption dropout to "") both go through these functions, so a model is sampled wi
 was trained on.
 """
 
+import logging
+
 import torch
-from diffusers.utils import logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def tokenize_prompts(

@@ -12,6 +12,7 @@ It takes `StableDiffusionPipeline`'s arguments and reads and writes its folder f
 import contextlib
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,12 +26,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import logging, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from latentdiff.acceleration import compile_pipeline
-from latentdiff.components import load_unet, resolve_model_folder
+from latentdiff.components import load_unet, resolve_model_folder, vae_scale_factor
 from latentdiff.guidance import classifier_free_guidance, rescale_guidance
 from latentdiff.models import UNet2DConditionModel
 from latentdiff.text import embed_prompts
@@ -38,7 +39,7 @@ from latentdiff.tokenizer import save_vocab_files
 
 from .inputs import check_prompt_arguments, check_sampling_arguments, prompt_batch_size
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 # What model_index.json says, so that plain diffusers loads our folders as a Stable Diffusion pipeline.
 STABLE_DIFFUSION_INDEX = {
@@ -81,7 +82,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ---- loading and saving ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ checkpoints move both ways; the code is our own and keeps ``forward`` free of Py
 """
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from diffusers.utils import logging
 from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
@@ -27,7 +27,7 @@ from .embeddings import SinusoidalTimesteps, TimestepEmbedding
 from .normalization import GroupNorm
 from .unet_config import check_config, check_fixed_options, drop_fixed_options, per_block
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def _refuse_adapters_while_fused(model: nn.Module) -> None:

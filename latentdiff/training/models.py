@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from transformers import PreTrainedModel
 
+from ..components import vae_scale_factor
 from ..models import UNet2DConditionModel
 from .config import TrainConfig
 
@@ -37,7 +38,7 @@ def unet_from_config(path: str, vae: AutoencoderKL, text_encoder: PreTrainedMode
 
 def check_resolution(resolution: int, vae: AutoencoderKL, unet: UNet2DConditionModel) -> None:
     """Images must shrink exactly through the VAE (2^(levels−1)) and then the UNet's downsamplers."""
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_factor = vae_scale_factor(vae)
     unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
     factor = vae_factor * unet_factor
     if resolution % factor:
