@@ -113,10 +113,11 @@ def build_init_stage(vae: AutoencoderKL, config: BaseConfig, work_dir: Path) -> 
 
 def emoji_train_config(data: EmojiDataset, resolution: int, **options: Any) -> TrainConfig:
     """A `TrainConfig` on the emoji training split with what every run on it shares (the base's stage 3, the demo's
-    fine-tuning): square images (center crop is a no-op that allows the latent cache), cached latents, the text
-    encoder trained with the UNet, no trackers; `options` give the rest."""
+    fine-tuning): square images (center crop is a no-op that allows the latent cache), resized bilinearly as the
+    committed base was trained, cached latents, the text encoder trained with the UNet, no trackers; `options` give
+    the rest."""
     shared = dict(train_data_dir=str(data.train_dir), resolution=resolution, center_crop=True, cache_latents=True,
-                  train_text_encoder=True, report_to="none")  # fmt: skip
+                  image_interpolation_mode="bilinear", train_text_encoder=True, report_to="none")  # fmt: skip
     return TrainConfig(**{**shared, **options})
 
 

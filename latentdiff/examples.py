@@ -19,6 +19,17 @@ from transformers import PreTrainedTokenizerBase
 from .text import tokenize_prompts
 
 WHITE = (255, 255, 255)
+# torchvision's InterpolationMode names (diffusers' --image_interpolation_mode) → the Pillow filter its Resize uses
+# for a PIL image; "nearest_exact" is Pillow's NEAREST, which already samples at pixel centres.
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 # 1. Transforms
@@ -43,11 +54,19 @@ class ImageTransform:
         resolution (`int`): Output height and width.
         center_crop (`bool`, defaults to `False`): Crop the center; otherwise a random square.
         random_flip (`bool`, defaults to `False`): Flip left-right with probability 1/2.
+        interpolation (`str`, defaults to `"lanczos"`): The resize filter, one of `RESAMPLING` (diffusers' default).
     """
 
     resolution: int
     center_crop: bool = False
     random_flip: bool = False
+    interpolation: str = "lanczos"
+
+    def __post_init__(self):
+        if self.interpolation not in RESAMPLING:
+            raise ValueError(
+                f"Unknown image interpolation mode {self.interpolation!r}: use one of {', '.join(RESAMPLING)}."
+            )
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         crop_u, crop_v, flip_u = rng.random(3)  # always drawn, so a setting never shifts later draws
@@ -55,7 +74,7 @@ class ImageTransform:
         scale = self.resolution / min(image.size)
         # the sizes and offsets torchvision's Resize, CenterCrop and RandomCrop (diffusers' transforms) give
         width, height = (max(self.resolution, int(side * scale)) for side in image.size)
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
+        image = image.resize((width, height), RESAMPLING[self.interpolation])
         extra_x, extra_y = width - self.resolution, height - self.resolution
         if self.center_crop:
             left, top = int(round(extra_x / 2)), int(round(extra_y / 2))

@@ -146,16 +146,33 @@ def test_transform_resizes_crops_flips_and_normalises():
     pixels[:, :40] = 255  # left half white
     image = Image.fromarray(pixels)
     rng = np.random.default_rng(0)
-    center = ImageTransform(20, center_crop=True)(image, rng)
+    center = ImageTransform(20, center_crop=True, interpolation="bilinear")(image, rng)  # no ringing at the edge
     assert center.shape == (3, 20, 20) and center.dtype == torch.float32
     assert center.min() == -1.0 and center.max() == 1.0
     assert (center[:, :, :9] == 1).all() and (center[:, :, 11:] == -1).all()  # the boundary in the middle
 
-    flip = ImageTransform(20, center_crop=True, random_flip=True)
+    flip = ImageTransform(20, center_crop=True, random_flip=True, interpolation="bilinear")
     flips = [flip(image, np.random.default_rng(s)) for s in range(8)]
     assert any(torch.equal(f, center) for f in flips) and any(torch.equal(f, center.flip(-1)) for f in flips)
     crops = {ImageTransform(20)(image, np.random.default_rng(s))[0].mean().item() for s in range(8)}
     assert len(crops) > 1  # random crops land in different places
+
+
+@pytest.mark.parametrize("mode", ["lanczos", "bilinear", "bicubic", "box", "hamming", "nearest", "nearest_exact"])
+def test_interpolation_modes_resize_with_pillow_s_filter(mode):
+    """torchvision's Resize of a PIL image is Pillow's resize with the mode's filter (nearest_exact: NEAREST)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8))
+    pixels = ImageTransform(20, center_crop=True, interpolation=mode)(image, np.random.default_rng(0))
+    filters = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
+               "hamming": Image.HAMMING, "nearest": Image.NEAREST, "nearest_exact": Image.NEAREST}  # fmt: skip
+    expected = np.asarray(image.resize((30, 20), filters[mode]).crop((5, 0, 25, 20)), np.float32) / 127.5 - 1
+    np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), expected)
+    assert ImageTransform(20).interpolation == "lanczos"  # diffusers' default
+
+
+def test_unknown_interpolation_mode_is_named():
+    with pytest.raises(ValueError, match=r"Unknown image interpolation mode 'cubic': use one of nearest, "):
+        ImageTransform(20, interpolation="cubic")
 
 
 def test_crop_offsets_are_torchvision_s(monkeypatch):

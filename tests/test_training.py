@@ -302,6 +302,7 @@ def test_config_file_values_are_checked_like_flags(tmp_path, capsys, text, messa
         (dict(snr_gamma=float("nan")), ValueError, r"--snr_gamma must be > 0"),
         (dict(lr_scheduler="bogus"), ValueError, r"--lr_scheduler must be one of \['linear', "),
         (dict(mixed_precision="fp8"), ValueError, r"--mixed_precision must be one of \['no', 'fp16', 'bf16'\]"),
+        (dict(image_interpolation_mode="cubic"), ValueError, r"--image_interpolation_mode must be one of \[.*'bicubic'"),
         (
             dict(resume_from_checkpoint="checkpoint-9"),
             FileNotFoundError,

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
+from ..examples import RESAMPLING
 from .checkpoint import resolve_checkpoint
 from .config_file import CONFIG_SUFFIXES, config_file_flags
 from .config_types import check_field_types
@@ -82,6 +83,9 @@ class TrainConfig:
     resolution: int = field(default=512, metadata=_help("Images are resized (shorter side) and cropped to this size."))
     center_crop: bool = field(default=False, metadata=_help("Crop the center; otherwise a random crop."))
     random_flip: bool = field(default=False, metadata=_help("Flip images horizontally at random."))
+    image_interpolation_mode: Literal[tuple(RESAMPLING)] = field(
+        default="lanczos", metadata=_help("The filter that resizes the images (torchvision's names, as diffusers).")
+    )
     caption_dropout: float = field(
         default=0.0,
         metadata=_help("Probability of training on the empty caption instead, so classifier-free guidance works."),

@@ -147,7 +147,9 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         )  # fmt: skip
     if accelerator.is_main_process:
         warn_long_captions(rows, config.caption_column, tokenizer)
-    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
+    transform = ImageTransform(
+        config.resolution, config.center_crop, config.random_flip, config.image_interpolation_mode
+    )
     dataset = ImageCaptionDataset(
         rows, transform, seed, image_column=config.image_column, caption_column=config.caption_column,
         caption_dropout=config.caption_dropout,
