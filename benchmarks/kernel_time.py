@@ -21,8 +21,8 @@ KERNEL_KINDS = (
     ("copy/cast/layout", ("nchwtonhwc", "nhwctonchw")),
     ("gemm/conv", ("triton_tem",)),
     ("compiled (triton)", ("triton",)),
-    ("gemm/conv", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "cudnn", "conv", "aten::mm", "aten::addmm",
-                   "aten::bmm", "mkldnn")),  # fmt: skip
+    ("gemm/conv", ("gemm", "gemv", "splitkreduce", "nvjet", "xmma", "cutlass", "cublas", "cudnn", "conv", "aten::mm",
+                   "aten::addmm", "aten::bmm", "mkldnn")),  # fmt: skip
     ("norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "rowwisemoments", "fusedparams", "gammabeta",
               "internalgradients", "welford")),  # fmt: skip
     ("optimizer", ("adam", "multi_tensor", "foreach")),

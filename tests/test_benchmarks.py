@@ -113,6 +113,10 @@ KERNEL_NAMES = {  # as CUDA (cuBLAS, cuDNN, flash, ATen, inductor) and the CPU's
     "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT": "gemm/conv",
     "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "gemm/conv",
     "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "gemm/conv",
+    "nvjet_tst_128x96_64x7_4x1_v_bz_bias_TNT": "gemm/conv",  # cuBLAS 12.8 names its GEMMs without "gemm"
+    "void splitKreduce_kernel<32, 16, int, __nv_bfloat16, __nv_bfloat16, float, __nv_bfloat16, true>": "gemm/conv",
+    "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 2, 2, false>": "gemm/conv",
+    "void cunn_SoftMaxForward<4, float, float, float, SoftMaxForwardEpilogue>": "attention",
     "triton_tem_fused_mm_1": "gemm/conv",
     "aten::mkldnn_convolution": "gemm/conv",
     "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>": "copy/cast/layout",
