@@ -1,7 +1,8 @@
 """Our UNet2DConditionModel against diffusers' in one process, same config and weights.
 
-Prints forward and forward+backward time (median of interleaved runs) and peak memory for both, and the
-ratios ours/diffusers (below 1.0 means ours is faster / smaller).
+Prints forward and forward+backward time (median of interleaved runs) and peak memory for both, the host work
+an eager GPU call waits for (Python calls and kernel-running operators, counted exactly), and the ratios
+ours/diffusers (below 1.0 means ours is faster / smaller / launches less).
 
     python benchmarks/unet.py                 # CPU: a small SD-1-like config
     python benchmarks/unet.py --config sd15   # the SD-1.5 UNet (860M parameters), meant for a GPU
@@ -24,6 +25,7 @@ import time
 
 import diffusers
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from latentdiff import UNet2DConditionModel
 
@@ -116,6 +118,29 @@ def python_calls(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> in
     return calls
 
 
+class KernelOpCounter(TorchDispatchMode):
+    """Counts the ATen operators that run a kernel, as the dispatcher sees them below autograd (composite
+    operators already split: `linear` arrives as `addmm`), views and other metadata-only results left out. On a
+    GPU each is at least one launch in eager mode, so fewer of them is less launch overhead per call."""
+
+    METADATA_ONLY = ("aten::_unsafe_view", "aten::detach", "aten::empty", "aten::lift_fresh", "aten::alias")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not (func.is_view or func._schema.name in self.METADATA_ONLY)
+        return func(*args, **(kwargs or {}))
+
+
+def kernel_ops(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], backward: bool) -> int:
+    """Kernel-running operators in one forward (or forward+backward): `KernelOpCounter`."""
+    with KernelOpCounter() as counter:
+        step(model, inputs, backward)
+    return counter.count
+
+
 def _resident_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -187,20 +212,23 @@ def main() -> None:
                "models": [first, second]}
     print(f"UNet benchmark: {config_name} config, batch {batch}, {dtype}, {results['device']}, "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}, median of {repeats}")
-    print(f"{'figure':<26}{first:>14}{second:>12}{first + '/' + second:>24}")
+    print(f"{'figure':<32}{first:>14}{second:>12}{first + '/' + second:>24}")
     for mode, backward in (("forward", False), ("forward+backward", True)):
         seconds = time_interleaved(models, inputs, backward, repeats, device)
         peaks = {kind: peak_memory(kind, config, batch, backward, device, dtype) for kind in models}
         results[mode] = {"seconds": seconds, "peak_bytes": peaks,
                          "time_ratio": seconds[first] / seconds[second],
                          "memory_ratio": peaks[first] / max(peaks[second], 1)}
-        print(f"{mode + ' time (ms)':<26}{seconds[first] * 1e3:>14.2f}{seconds[second] * 1e3:>12.2f}"
+        print(f"{mode + ' time (ms)':<32}{seconds[first] * 1e3:>14.2f}{seconds[second] * 1e3:>12.2f}"
               f"{results[mode]['time_ratio']:>24.3f}")
-        print(f"{mode + ' peak (MiB)':<26}{peaks[first] / 2**20:>14.1f}{peaks[second] / 2**20:>12.1f}"
+        print(f"{mode + ' peak (MiB)':<32}{peaks[first] / 2**20:>14.1f}{peaks[second] / 2**20:>12.1f}"
               f"{results[mode]['memory_ratio']:>24.3f}")
-    calls = {kind: python_calls(model, inputs) for kind, model in models.items()}
-    results["python_calls_per_forward"] = calls
-    print(f"{'python calls per forward':<26}{calls[first]:>14}{calls[second]:>12}{calls[first] / calls[second]:>24.3f}")
+    counts = {"python calls per forward": {kind: python_calls(model, inputs) for kind, model in models.items()}}
+    for mode, backward in (("forward", False), ("forward+backward", True)):
+        counts[f"kernel ops per {mode}"] = {kind: kernel_ops(model, inputs, backward) for kind, model in models.items()}
+    for figure, count in counts.items():
+        results[figure.replace(" ", "_").replace("+", "_")] = count
+        print(f"{figure:<32}{count[first]:>14}{count[second]:>12}{count[first] / count[second]:>24.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

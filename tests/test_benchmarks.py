@@ -212,6 +212,23 @@ def test_compile_and_attention_options_are_checked():
             pass
 
 
+def test_kernel_op_count_leaves_out_views_and_sees_ours_launch_fewer():
+    """benchmarks/unet.py's proxy for eager launches: a Linear on a 3-D input is one `addmm` (its reshapes are
+    views), a reshape that must copy is one `clone`; ours skips diffusers' divisions by an output scale of 1.0 and
+    the copies before `proj_out`, at every config."""
+    bench = load_benchmark("unet")
+    linear, x = nn.Linear(4, 4), torch.randn(3, 2, 4)
+    with bench.KernelOpCounter() as counter:
+        linear(x).permute(2, 0, 1).reshape(-1)
+    assert counter.count == 2
+    for name in ("sd1", "sd2"):
+        config = UNET_CONFIGS[name]
+        inputs = tuple(unet_inputs(config, batch=2).values())  # sample, timestep, text
+        ours, theirs = _ours(config), diffusers.UNet2DConditionModel(**config)
+        for backward in (False, True):
+            assert bench.kernel_ops(ours, inputs, backward) < bench.kernel_ops(theirs, inputs, backward), name
+
+
 def _ours(config: dict) -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(**config)
