@@ -194,6 +194,26 @@ def test_options_text_encoder_v_prediction_cosine_bf16(tiny_pipeline_path, capti
     assert_same_weights(weights(tiny_pipeline_path / vae), weights(output_dir / vae))
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_a_half_precision_checkpoint_trains_and_saves_in_fp32(tiny_pipeline_path, caption_folder, tmp_path,
+                                                              mixed_precision):  # fmt: skip
+    """Many checkpoints store fp16 weights only: the trained UNet and the saved pipeline are fp32 all the same (a
+    UNet left in fp16 met fp32 text embeddings in its first forward)."""
+    from diffusers import StableDiffusionPipeline
+
+    half = tmp_path / "half"
+    StableDiffusionPipeline.from_pretrained(tiny_pipeline_path, dtype=torch.float16).save_pretrained(half)
+    assert load_file(half / UNET_WEIGHTS)["conv_in.weight"].dtype == torch.float16
+    recorder = Recorder()
+    output_dir = train(make_config(half, caption_folder, tmp_path / "out", max_train_steps=2,
+                                   mixed_precision=mixed_precision), trackers=[recorder])  # fmt: skip
+    assert all(np.isfinite(recorder.losses()))
+    saved = StableDiffusionPipeline.from_pretrained(output_dir, safety_checker=None)
+    assert {name: model.dtype for name, model in saved.components.items() if hasattr(model, "dtype")} == dict.fromkeys(
+        ("vae", "text_encoder", "unet"), torch.float32
+    )
+
+
 # ---- a UNet from scratch, and what is refused -------------------------------------------------------------------
 
 
@@ -367,6 +387,7 @@ def test_checkpoints_complete_latest_and_rotation_keeps_the_resumed_one(tmp_path
     "options, match",
     [
         (dict(ema_decay=0.99), "--ema_decay is an EMA option: add --use_ema"),
+        (dict(offload_ema=True), "--offload_ema is an EMA option: add --use_ema"),
         (dict(use_ema=True, ema_power=0.75), "--ema_power is a setting of the EMA warm-up: add --ema_use_warmup"),
         (dict(lr_scheduler="piecewise_constant"), "lr_scheduler"),
     ],
@@ -376,22 +397,28 @@ def test_options_that_would_be_ignored_or_crash_are_refused(tmp_path, options, m
         TrainConfig(pretrained_model_name_or_path="x", train_data_dir=str(tmp_path), output_dir=str(tmp_path), **options)
 
 
-@pytest.mark.parametrize("use_warmup", [False, True])
-def test_ema_matches_diffusers(use_warmup):
+@pytest.mark.parametrize("use_warmup, foreach, offload", [(False, True, False), (True, True, False),
+                                                        (False, False, False), (False, True, True)])  # fmt: skip
+def test_ema_matches_diffusers(use_warmup, foreach, offload):
     from diffusers.training_utils import EMAModel as DiffusersEMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    ours = EMAModel(model, decay=0.99, use_warmup=use_warmup, update_after_step=2)
+    ours = EMAModel(model, decay=0.99, use_warmup=use_warmup, update_after_step=2, foreach=foreach, offload=offload)
+    other_path = EMAModel(model, decay=0.99, use_warmup=use_warmup, update_after_step=2, foreach=not foreach)
     reference = DiffusersEMA(model.parameters(), decay=0.99, use_ema_warmup=use_warmup, update_after_step=2)
     for _ in range(30):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ours.step(model)
+        other_path.step(model)
         reference.step(model.parameters())
     for mine, theirs in zip(ours.shadow.values(), reference.shadow_params):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(ours.shadow.values(), other_path.shadow.values()))  # bit for bit
+    if offload:  # the average stays in host memory wherever the model goes
+        assert all(t.device.type == "cpu" for t in ours.to("meta").shadow.values())
 
     before = [p.clone() for p in model.parameters()]
     with ours.averaged(model):
@@ -400,6 +427,10 @@ def test_ema_matches_diffusers(use_warmup):
     restored = EMAModel(model)
     restored.load_state_dict(ours.state_dict())
     assert restored.optimization_step == 30 and restored.get_decay(31) == ours.get_decay(31)
+    assert all(torch.equal(a, b) for a, b in zip(restored.shadow.values(), ours.shadow.values()))
+    wrong = {**ours.state_dict(), "shadow": {**ours.shadow, "0.bias": torch.zeros(1)}}
+    with pytest.raises(ValueError, match=r"other shapes for \['0.bias'\]"):
+        restored.load_state_dict(wrong)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -23,7 +23,8 @@ from .lora import UNET_TARGET_MODULES
 # diffusers' get_scheduler names, less piecewise_constant (it needs step rules, which no flag gives)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules")  # meaningful only with --lora_rank
-EMA_FIELDS = ("ema_decay", "ema_min_decay", "ema_update_after_step", "ema_use_warmup", "ema_inv_gamma", "ema_power")
+EMA_FIELDS = ("ema_decay", "ema_min_decay", "ema_update_after_step", "ema_use_warmup", "ema_inv_gamma", "ema_power",
+              "foreach_ema", "offload_ema")
 EMA_WARMUP_FIELDS = ("ema_inv_gamma", "ema_power")  # meaningful only with --ema_use_warmup
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 SECRET_FIELDS = ("hub_token",)  # never logged, saved, printed or written into a model card
@@ -175,6 +176,16 @@ class TrainConfig:
     )
     ema_inv_gamma: float = field(default=1.0, metadata=_help("inv_gamma of the EMA warm-up (with --ema_use_warmup)."))
     ema_power: float = field(default=2 / 3, metadata=_help("power of the EMA warm-up (with --ema_use_warmup)."))
+    foreach_ema: bool = field(
+        default=True,
+        metadata=_help("Update the EMA with one multi-tensor operation instead of one per parameter (the same numbers; "
+                       "on by default here, off in diffusers)."),
+    )  # fmt: skip
+    offload_ema: bool = field(
+        default=False,
+        metadata=_help("Keep the EMA in host memory and bring it to the GPU only for its update: frees a copy of the "
+                       "trained weights from the GPU, costs two transfers per step."),
+    )  # fmt: skip
 
     # Validation
     validation_prompts: list[str] | None = field(

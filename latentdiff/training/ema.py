@@ -27,6 +27,11 @@ class EMAModel:
         update_after_step (`int`, *optional*, defaults to 0): The EMA copies the weights until this many steps.
         use_warmup (`bool`, *optional*, defaults to `False`): Use the inverse-gamma warm-up instead of (1+s)/(10+s).
         inv_gamma (`float`, *optional*, defaults to 1.0), power (`float`, *optional*, defaults to 2/3): Warm-up shape.
+        foreach (`bool`, *optional*, defaults to `True`): Update all tensors with one multi-tensor operation (a few
+            kernel launches on a GPU instead of one per parameter, 686 for SD-1.5); the same numbers either way.
+        offload (`bool`, *optional*, defaults to `False`): Keep the average in host memory (pinned when there is a
+            GPU) and bring it to the model's device only to update it: frees its fp32 copy of the weights (3.4 GB
+            for SD-1.5) from the GPU at the cost of two transfers per step.
     """
 
     def __init__(
@@ -38,6 +43,8 @@ class EMAModel:
         use_warmup: bool = False,
         inv_gamma: float = 1.0,
         power: float = 2 / 3,
+        foreach: bool = True,
+        offload: bool = False,
     ):
         self.decay = decay
         self.min_decay = min_decay
@@ -45,8 +52,12 @@ class EMAModel:
         self.use_warmup = use_warmup
         self.inv_gamma = inv_gamma
         self.power = power
+        self.foreach = foreach
+        self.offload = offload
         self.optimization_step = 0
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+        if offload:
+            self.shadow = {name: _host_copy(t) for name, t in self.shadow.items()}
 
     def get_decay(self, optimization_step: int) -> float:
         """The decay used at this (1-based) optimizer step; see the module docstring."""
@@ -64,13 +75,25 @@ class EMAModel:
         """Move the average toward `model`'s current weights; call once after each optimizer step."""
         self.optimization_step += 1
         weight = 1.0 - self.get_decay(self.optimization_step)
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                shadow = self.shadow[name]
-                shadow.lerp_(param.detach().to(shadow.device, shadow.dtype), weight)  # θ_ema + (1 − d)(θ − θ_ema)
+        params = [(self.shadow[name], p.detach()) for name, p in model.named_parameters() if name in self.shadow]
+        if not params:
+            return
+        shadows = [shadow for shadow, _ in params]
+        work = [shadow.to(param.device, non_blocking=True) for shadow, param in params] if self.offload else shadows
+        targets = [param.to(w.device, w.dtype) for w, (_, param) in zip(work, params)]  # no copy when they match
+        if self.foreach:
+            torch._foreach_lerp_(work, targets, weight)  # θ_ema + (1 − d)(θ − θ_ema), every tensor at once
+        else:
+            for average, target in zip(work, targets):
+                average.lerp_(target, weight)
+        if self.offload:
+            for shadow, average in zip(shadows, work):
+                shadow.copy_(average)  # blocking: the host copy is complete when step() returns
 
     def to(self, device: torch.device | str) -> "EMAModel":
-        self.shadow = {name: t.to(device) for name, t in self.shadow.items()}
+        """Move the average to `device`; an offloaded average stays in host memory."""
+        if not self.offload:
+            self.shadow = {name: t.to(device) for name, t in self.shadow.items()}
         return self
 
     @torch.no_grad()
@@ -109,8 +132,17 @@ class EMAModel:
                 f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}."
             )
+        wrong = [name for name, t in self.shadow.items() if state_dict["shadow"][name].shape != t.shape]
+        if wrong:
+            raise ValueError(f"EMA state does not match the model: other shapes for {wrong[:5]}.")
         for key in ("decay", "min_decay", "update_after_step", "use_warmup", "inv_gamma", "power", "optimization_step"):
             setattr(self, key, state_dict[key])
-        self.shadow = {
-            name: state_dict["shadow"][name].to(t.device, t.dtype).clone() for name, t in self.shadow.items()
-        }
+        with torch.no_grad():
+            for name, t in self.shadow.items():
+                t.copy_(state_dict["shadow"][name])  # in place: keeps the device, dtype and pinned memory
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in host memory, pinned when a GPU is there so that transfers can overlap other work."""
+    host = tensor.detach().to("cpu", copy=True)
+    return host.pin_memory() if torch.cuda.is_available() else host

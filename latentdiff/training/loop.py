@@ -94,13 +94,16 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     if config.push_to_hub and accelerator.is_main_process:  # fail now, not after training, if the token is bad
         repo_id = create_hub_repo(config.hub_model_id or output_dir.resolve().name, token=config.hub_token)
 
-    # 2. Models: the frozen VAE (and text encoder) in the weight dtype, the trained UNet in fp32
+    # 2. Models: the frozen VAE (and text encoder) in the weight dtype, the trained UNet in fp32 (whatever dtype the
+    #    folder stores: fp16-only checkpoints are common)
     with accelerator.main_process_first():  # one download per machine
         model_folder = resolve_model_folder(
             config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
             cache_dir=config.cache_dir, allow_pickle=config.allow_pickle,
         )  # fmt: skip
-        parts = load_components(model_folder, variant=config.variant, allow_pickle=config.allow_pickle)
+        parts = load_components(
+            model_folder, variant=config.variant, torch_dtype=torch.float32, allow_pickle=config.allow_pickle
+        )
     vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
     noise_scheduler = noise_scheduler_for(parts.scheduler, config)
     unet = parts.unet if config.unet_config is None else unet_from_config(config.unet_config, vae, text_encoder)
@@ -134,6 +137,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         ema = EMAModel(
             unet, decay=config.ema_decay, min_decay=config.ema_min_decay, update_after_step=config.ema_update_after_step,
             use_warmup=config.ema_use_warmup, inv_gamma=config.ema_inv_gamma, power=config.ema_power,
+            foreach=config.foreach_ema, offload=config.offload_ema,
         ).to(accelerator.device)  # fmt: skip
     register_hooks(accelerator, ema, lora)
 
@@ -280,9 +284,9 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process:
         trained_unet, trained_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
         text_encoder = trained_text_encoder
-        if lora or weight_dtype != torch.float32:  # the frozen parts as saved, not their half-precision copies
+        if lora or weight_dtype != torch.float32:  # the frozen parts in fp32, not their half-precision copies
             vae, base_text_encoder = load_frozen_parts(
-                model_folder, variant=config.variant, allow_pickle=config.allow_pickle
+                model_folder, variant=config.variant, torch_dtype=torch.float32, allow_pickle=config.allow_pickle
             )
             if lora or not config.train_text_encoder:  # a LoRA pipeline starts from the base and loads the adapters
                 text_encoder = base_text_encoder
@@ -290,7 +294,9 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
         )
         if lora:  # the EMA averages the adapters, saved from the trained UNet; the pipeline is the base + file
-            unet = load_unet(model_folder, variant=config.variant, allow_pickle=config.allow_pickle)
+            unet = load_unet(
+                model_folder, variant=config.variant, torch_dtype=torch.float32, allow_pickle=config.allow_pickle
+            )
             averaged = trained_unet
         else:
             unet = UNet2DConditionModel.from_config(trained_unet.config)
