@@ -12,7 +12,8 @@ from test_data import write_caption_folder
 
 from latentdiff.training import EMAModel, TrainConfig, parse_train_args, train
 from latentdiff.training.checkpoint import STATE_FILE, list_checkpoints, resolve_checkpoint, rotate_checkpoints
-from latentdiff.training.losses import diffusion_loss, min_snr_weights, training_target
+from latentdiff.training.losses import diffusion_loss, dream_rectify, min_snr_weights, training_target
+from latentdiff.training.models import noise_scheduler_for
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -431,6 +432,48 @@ def test_ema_matches_diffusers(use_warmup, foreach, offload):
     wrong = {**ours.state_dict(), "shadow": {**ours.shadow, "0.bias": torch.zeros(1)}}
     with pytest.raises(ValueError, match=r"other shapes for \['0.bias'\]"):
         restored.load_state_dict(wrong)
+
+
+@pytest.mark.parametrize("detail_preservation", [1.0, 0.5])
+def test_dream_matches_diffusers(detail_preservation):
+    from conftest import UNET_CONFIGS, unet_inputs
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_dream_and_update_latents
+
+    from latentdiff import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet, scheduler = UNet2DConditionModel(**UNET_CONFIGS["sd1"]), DDPMScheduler(beta_schedule="scaled_linear")
+    inputs = unet_inputs(UNET_CONFIGS["sd1"], batch=2)
+    noisy, timesteps, text = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
+    noise = torch.randn_like(noisy)
+    ours = dream_rectify(unet, scheduler, noisy, timesteps, text, noise, noise, detail_preservation)
+    theirs = compute_dream_and_update_latents(unet, scheduler, timesteps, noise, noisy, noise, text,
+                                              detail_preservation)  # fmt: skip
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ours[0], noisy) and not ours[1].requires_grad  # moved, and no gradient through ε̂
+
+
+def test_dream_training_runs_and_changes_the_steps(tiny_pipeline_path, caption_folder, tmp_path):
+    losses = {}
+    for dream in (False, True):
+        recorder = Recorder()
+        train(make_config(tiny_pipeline_path, caption_folder, tmp_path / str(dream), max_train_steps=3,
+                          dream_training=dream), trackers=[recorder])  # fmt: skip
+        losses[dream] = recorder.losses()
+    assert all(np.isfinite(losses[True])) and losses[True] != losses[False]
+
+
+def test_dream_refuses_v_prediction_and_needs_its_flag(tmp_path):
+    from diffusers import DDPMScheduler
+
+    options = dict(pretrained_model_name_or_path="m", train_data_dir="d", output_dir=str(tmp_path))
+    config = TrainConfig(**options, dream_training=True, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="--dream_training is defined for epsilon prediction; this run predicts 'v_pr"):
+        noise_scheduler_for(DDPMScheduler(), config)
+    with pytest.raises(ValueError, match="--dream_detail_preservation is a setting of DREAM: add --dream_training"):
+        TrainConfig(**options, dream_detail_preservation=0.5)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

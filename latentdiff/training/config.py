@@ -165,6 +165,14 @@ class TrainConfig:
     input_perturbation: float = field(
         default=0.0, metadata=_help("Scale of input perturbation (Ning et al. 2023; 0.1 is recommended).")
     )
+    dream_training: bool = field(
+        default=False,
+        metadata=_help("DREAM (Zhou et al. 2024): train on the noisy latents the model's own estimate leads to; one "
+                       "more UNet forward (without gradients) per step; epsilon prediction only."),
+    )  # fmt: skip
+    dream_detail_preservation: float = field(
+        default=1.0, metadata=_help("DREAM's p in λ = (√(1−ᾱ_t))^p (with --dream_training).")
+    )
 
     # EMA (decay warm-up as diffusers' EMAModel)
     use_ema: bool = field(default=False, metadata=_help("Keep an EMA of the UNet; it is validated and saved."))
@@ -233,7 +241,8 @@ class TrainConfig:
         for name in ("learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"):
             if not 0 < getattr(self, name) < float("inf"):  # ≤ 0 would not train, or would climb the loss
                 raise ValueError(f"--{name} must be a number > 0, got {getattr(self, name)!r}.")
-        for name in ("adam_weight_decay", "noise_offset", "input_perturbation", "validation_guidance_scale"):
+        for name in ("adam_weight_decay", "noise_offset", "input_perturbation", "validation_guidance_scale",
+                     "dream_detail_preservation"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"--{name} must be a number ≥ 0, got {getattr(self, name)!r}.")
         for name in ("dataloader_num_workers", "lr_warmup_steps", "ema_update_after_step"):
@@ -278,7 +287,9 @@ class TrainConfig:
         """An option that acts only with another one is an error without it, instead of being silently ignored."""
         for names, needed, flag, what in ((EMA_FIELDS, self.use_ema, "--use_ema", "an EMA option"),
                                           (EMA_WARMUP_FIELDS, self.ema_use_warmup, "--ema_use_warmup",
-                                           "a setting of the EMA warm-up")):  # fmt: skip
+                                           "a setting of the EMA warm-up"),
+                                          (("dream_detail_preservation",), self.dream_training, "--dream_training",
+                                           "a setting of DREAM")):  # fmt: skip
             changed = [] if needed else self._changed(names)
             if changed:
                 raise ValueError(f"--{changed[0]} is {what}: add {flag} for it to take effect, or leave it out.")

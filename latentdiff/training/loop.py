@@ -240,6 +240,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 loss = diffusion_loss(
                     unet, noise_scheduler, latents, encoder_hidden_states, generator,
                     config.snr_gamma, config.noise_offset, config.input_perturbation,
+                    config.dream_detail_preservation if config.dream_training else None,
                 )  # fmt: skip
                 mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()  # over processes
                 if not math.isfinite(mean_loss):

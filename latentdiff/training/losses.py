@@ -40,6 +40,28 @@ def training_target(
     raise ValueError(f"Cannot train prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'.")
 
 
+def dream_rectify(
+    unet: nn.Module,
+    noise_scheduler: DDPMScheduler,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    noise: torch.Tensor,
+    target: torch.Tensor,
+    detail_preservation: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DREAM (Zhou et al. 2024, Alg. 1): move x_t and the ε target by the model's own error, so that training sees
+    the inputs sampling will give it. With ε̂ = ε_θ(x_t, t) (no gradient) and λ = (√(1−ᾱ_t))^p,
+        Δ = λ (ε − ε̂),   x̃_t = x_t + √(1−ᾱ_t) Δ,   target ε + Δ.
+    Defined for ε-prediction only (the caller checks)."""
+    sigma = (1.0 - noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]) ** 0.5  # √(1−ᾱ_t), (B,)
+    sigma = sigma[:, None, None, None]
+    with torch.no_grad():
+        estimate = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    delta = sigma**detail_preservation * (noise - estimate)
+    return noisy_latents + sigma * delta, target + delta
+
+
 def diffusion_loss(
     unet: nn.Module,
     noise_scheduler: DDPMScheduler,
@@ -49,6 +71,7 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
+    dream_detail_preservation: float | None = None,
 ) -> torch.Tensor:
     r"""The mean denoising loss of one batch of clean latents.
 
@@ -63,6 +86,8 @@ def diffusion_loss(
             the model change an image's mean brightness (offset noise).
         input_perturbation (`float`, defaults to 0): Noises x₀ with ε + `input_perturbation` · ξ but keeps ε as the
             target (Ning et al. 2023), reducing the train/sample exposure bias.
+        dream_detail_preservation (`float`, *optional*): Train with DREAM (`dream_rectify`) and this p; off when
+            `None`.
     """
     batch, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)  # ε
@@ -78,6 +103,11 @@ def diffusion_loss(
     )
     noisy_latents = noise_scheduler.add_noise(latents, model_noise, timesteps)  # x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε
     target = training_target(noise_scheduler, latents, noise, timesteps)
+    if dream_detail_preservation is not None:
+        noisy_latents, target = dream_rectify(
+            unet, noise_scheduler, noisy_latents, timesteps, encoder_hidden_states, noise, target,
+            dream_detail_preservation,
+        )  # fmt: skip
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
 
     if snr_gamma is None:

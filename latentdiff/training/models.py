@@ -14,7 +14,16 @@ from .config import TrainConfig
 def noise_scheduler_for(scheduler: DDPMScheduler, config: TrainConfig) -> DDPMScheduler:
     """The training forward process: the base's schedule, with `--prediction_type`/`--beta_schedule` applied."""
     overrides = {"prediction_type": config.prediction_type, "beta_schedule": config.beta_schedule}
-    return DDPMScheduler.from_config(scheduler.config, **{k: v for k, v in overrides.items() if v is not None})
+    noise_scheduler = DDPMScheduler.from_config(
+        scheduler.config, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    prediction_type = noise_scheduler.config.prediction_type
+    if config.dream_training and prediction_type != "epsilon":
+        raise ValueError(
+            f"--dream_training is defined for epsilon prediction; this run predicts {prediction_type!r}. Leave out "
+            "--dream_training, or train epsilon with --prediction_type epsilon."
+        )
+    return noise_scheduler
 
 
 def unet_from_config(path: str, vae: AutoencoderKL, text_encoder: PreTrainedModel) -> UNet2DConditionModel:
