@@ -103,8 +103,9 @@ def build_init_stage(vae: AutoencoderKL, config: BaseConfig, work_dir: Path) -> 
         parts = tiny_components(config.seed, image_size=resolution, vae_channels=tuple(config.vae.block_out_channels),
                                 text_hidden_size=config.text_hidden_size)  # fmt: skip
         parts["vae"] = vae
-        unet_config = dict(config.unet, sample_size=resolution // vae_scale_factor(vae), in_channels=vae.config.latent_channels,
-                           out_channels=vae.config.latent_channels, cross_attention_dim=config.text_hidden_size)
+        latent_channels = vae.config.latent_channels
+        unet_config = dict(config.unet, sample_size=resolution // vae_scale_factor(vae), in_channels=latent_channels,
+                           out_channels=latent_channels, cross_attention_dim=config.text_hidden_size)
         with atomic_dir(folder) as tmp:
             LatentDiffusionPipeline(**parts).save_pretrained(tmp)
             (tmp / "unet_config.json").write_text(json.dumps(unet_config, indent=1))
