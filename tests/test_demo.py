@@ -1,6 +1,7 @@
 """The embedded demo end to end at a micro size (fake npm layout, tiny base), and its quality figure."""
 
 import json
+import os
 import time
 
 import pytest
@@ -157,3 +158,23 @@ def test_committed_base_opens_in_plain_diffusers(tmp_path, monkeypatch):
     assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 32
     image = pipe("red apple, fruit emoji", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize("load, omp, threads", [(3.9, None, 1), (0.2, None, 2), (3.9, "2", 2)])
+def test_demo_trains_with_one_thread_on_busy_cores(monkeypatch, capsys, load, omp, threads):
+    """Two threads on 2 cores that others keep busy wait on each other (7–12 s a step instead of 0.68 s)."""
+    from latentdiff import cli
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cli._one_thread_if_cores_are_busy()
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert ("training with one thread" in capsys.readouterr().err) == (threads == 1)

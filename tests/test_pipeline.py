@@ -367,6 +367,26 @@ def test_our_folder_opens_in_plain_diffusers_with_the_same_images(pipe, tiny_pip
         np.testing.assert_allclose(ours, expected[scheduler_cls.__name__], atol=1e-4, rtol=0)
 
 
+def test_from_pipe_drives_our_unet_in_diffusers_img2img(pipe, tiny_pipeline_path):
+    """A diffusers pipeline class built from ours with `from_pipe` (handed our UNet and the parts we leave out, as
+    docs/architecture.md shows) samples with our UNet and gives the images of that class with diffusers' UNet."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(
+        pipe, unet=pipe.unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    assert img2img.unet is pipe.unet and img2img.safety_checker is None
+    reference = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_pipeline_path, requires_safety_checker=False)
+    assert isinstance(reference.unet, DiffusersUNet)
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    images = [
+        p("a red square", image=init, strength=0.6, num_inference_steps=5, output_type="np",
+          generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        for p in (img2img, reference)
+    ]
+    np.testing.assert_allclose(images[0], images[1], atol=1e-4, rtol=0)
+
+
 def test_pickle_weights_need_allow_pickle(tiny_pipeline_path, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_pipeline_path, folder)

@@ -137,10 +137,27 @@ def test_an_unknown_choice_is_an_argparse_error(capsys):
 def test_an_unknown_option_is_named_with_the_nearest_one(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_script().main(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--scheduler", "ddim"])
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    (error,) = capsys.readouterr().err.strip().splitlines()  # without argparse's usage block
     assert exit_info.value.code == 2
     assert error.endswith("error: unrecognized arguments: --scheduler (did you mean --lr_scheduler?); see --help for "
                           "the options.")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--model", "m"], "latentdiff generate: error: the following arguments are required: --prompt"),
+        (["demo", "--preset", "tpu"], "latentdiff demo: error: argument --preset: invalid choice: 'tpu'"),
+        (["bogus"], "latentdiff: error: argument command: invalid choice: 'bogus'"),
+    ],
+)
+def test_cli_argument_errors_are_one_line(capsys, argv, message):
+    from latentdiff import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    (line,) = capsys.readouterr().err.strip().splitlines()  # without argparse's usage block
+    assert exit_info.value.code == 2 and line.startswith(message) and line.endswith("see --help for the options.")
 
 
 # ---- pipeline arguments that tests/test_pipeline.py does not try ----------------------------------------------

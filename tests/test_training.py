@@ -302,7 +302,13 @@ def test_config_file_values_are_checked_like_flags(tmp_path, capsys, text, messa
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(SystemExit) as exit_info:
         parse_train_args([str(tmp_path / "c.yaml")])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.splitlines()  # one line, not argparse's usage block before it
+    assert exit_info.value.code == 2 and message in line
+    assert ("c.yaml: argument" in line) == ("invalid" in message)  # a bad value is traced to the file
+    (tmp_path / "ok.yaml").write_text("pretrained_model_name_or_path: m\ntrain_data_dir: d\nresolution: 64\n")
+    with pytest.raises(SystemExit):  # a good value in the file, the bad one on the command line
+        parse_train_args([str(tmp_path / "ok.yaml"), "--resolution", "abc"])
+    assert "ok.yaml" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -376,7 +382,7 @@ def test_checkpoints_complete_latest_and_rotation_keeps_the_resumed_one(tmp_path
     assert resolve_checkpoint(tmp_path / "nothing", "latest") is None
     foreign = tmp_path / "diffusers-run"
     (foreign / "checkpoint-500" / "unet").mkdir(parents=True)  # diffusers' script: no training_state.json
-    with pytest.raises(ValueError, match="checkpoint-500 in .* have no training_state.json, so latentdiff did not"):
+    with pytest.raises(ValueError, match="checkpoint-500 in .* has no training_state.json, so latentdiff did not"):
         resolve_checkpoint(foreign, "latest")
 
     rotate_checkpoints(tmp_path, total_limit=2, keep=tmp_path / "checkpoint-2")

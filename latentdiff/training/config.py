@@ -7,13 +7,15 @@ exactly once. Names follow diffusers' `examples/text_to_image/train_text_to_imag
 
 import dataclasses
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from transformers import HfArgumentParser
 
+from ..argparse_errors import OneLineErrors
 from ..examples import RESAMPLING
 from .checkpoint import resolve_checkpoint
 from .config_file import CONFIG_SUFFIXES, config_file_flags
@@ -330,6 +332,21 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
 
 
+class TrainArgumentParser(OneLineErrors, HfArgumentParser):
+    """`HfArgumentParser` whose errors are one line, naming the config file when the bad value came from it."""
+
+    def __init__(self, config_file: str | None = None, file_values: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(TrainConfig, **kwargs)
+        self.config_file = config_file
+        self.file_values = file_values or {}  # "--option" → the value the file gives it
+
+    def error(self, message: str) -> NoReturn:
+        option = re.match(r"argument (--[\w-]+)", message)
+        if option and f"'{self.file_values.get(option.group(1))}'" in message:  # the file's value is the bad one
+            message = f"{self.config_file}: {message}"
+        super().error(message)
+
+
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     r"""Build a `TrainConfig` from command-line arguments, which may start with a `.yaml`/`.yml`/`.json` file.
 
@@ -340,13 +357,18 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
             `["config.yaml"]` or `["config.yaml", "--output_dir", "run2"]`; defaults to `sys.argv[1:]`.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    config_file, file_values = None, {}
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
-        argv = config_file_flags(argv[0], TrainConfig) + argv[1:]
-    parser = HfArgumentParser(TrainConfig, description="Fine-tune a latent text-to-image diffusion model.")
+        config_file, flags = argv[0], config_file_flags(argv[0], TrainConfig)
+        file_values = dict(flag.split("=", 1) for flag in flags if flag.startswith("--") and "=" in flag)
+        argv = flags + argv[1:]
+    parser = TrainArgumentParser(
+        config_file, file_values, description="Fine-tune a latent text-to-image diffusion model."
+    )
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         flags = [flag for action in parser._actions for flag in action.option_strings]
         hints = [f"{flag} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(flag, flags, n=1)) else flag
                  for flag in unknown if flag.startswith("-")]  # fmt: skip
-        parser.error(f"unrecognized arguments: {' '.join(hints or unknown)}; see --help for the options.")
+        parser.error(f"unrecognized arguments: {' '.join(hints or unknown)}")
     return config
