@@ -206,7 +206,9 @@ def generate_images(
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 10**6:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=_resolve_dtype(torch_dtype))
+    # float32 unless asked: left to the libraries, a folder stored in fp16 loads as a mix (transformers keeps the
+    # text encoder's fp16, diffusers makes the UNet fp32)
+    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=_resolve_dtype(torch_dtype) or torch.float32)
     if lora is not None:
         load_lora(pipe, lora, lora_scale)
     pipe = pipe.to(device)

@@ -432,6 +432,15 @@ def test_generate_images_writes_pngs_and_a_grid(tiny_pipeline_path, tmp_path):
     np.testing.assert_allclose(alone, in_batch, atol=1)  # batched float sums may round one step apart
 
 
+def test_generate_images_default_is_float32_for_a_folder_stored_in_fp16(tiny_pipeline_path, tmp_path):
+    """Left to the libraries, an fp16 folder loads as a mix (fp16 text encoder, fp32 UNet): other images than fp32."""
+    half = tmp_path / "half"
+    StableDiffusionPipeline.from_pretrained(tiny_pipeline_path, dtype=torch.float16).save_pretrained(half)
+    runs = [generate_images(str(half), PROMPTS[:1], output_dir=tmp_path / str(dtype), num_inference_steps=2,
+                            device="cpu", torch_dtype=dtype).image_paths[0] for dtype in (None, "fp32")]  # fmt: skip
+    assert np.array_equal(*(np.asarray(Image.open(path)) for path in runs))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(scheduler="plms"), "Unknown scheduler 'plms'"), (dict(torch_dtype="fp8"), "Unknown torch_dtype 'fp8'"),
