@@ -9,5 +9,5 @@ class OneLineErrors:
 
     def error(self, message: str) -> NoReturn:
         if "--help" not in message:
-            message += "; see --help for the options."
+            message = message.rstrip(".") + "; see --help for the options."
         self.exit(2, f"{self.prog}: error: {message}\n")

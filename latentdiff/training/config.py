@@ -332,19 +332,42 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
 
 
+# The value argparse rejected, in its messages for a bad type, a bad choice and (transformers') a bad boolean.
+REJECTED_VALUE = re.compile(r"argument (--[\w-]+).*?(?:invalid choice: '(.*?)'|invalid \w+ value: '(.*?)'|got (.*?) but expected)")
+
+
 class TrainArgumentParser(OneLineErrors, HfArgumentParser):
     """`HfArgumentParser` whose errors are one line, naming the config file when the bad value came from it."""
 
-    def __init__(self, config_file: str | None = None, file_values: dict[str, str] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        config_file: str | None = None,
+        file_values: dict[str, str] | None = None,
+        command_line_options: set[str] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(TrainConfig, **kwargs)
         self.config_file = config_file
-        self.file_values = file_values or {}  # "--option" → the value the file gives it
+        self.file_values = file_values or {}  # option name → the value the file gives it
+        self.command_line_options = command_line_options or set()  # option names given again after the file
 
     def error(self, message: str) -> NoReturn:
-        option = re.match(r"argument (--[\w-]+)", message)
-        if option and f"'{self.file_values.get(option.group(1))}'" in message:  # the file's value is the bad one
+        if self._value_from_file(message):
             message = f"{self.config_file}: {message}"
         super().error(message)
+
+    def _value_from_file(self, message: str) -> bool:
+        """Whether the rejected value is the file's: the file sets the option to it and the command line does not."""
+        match = REJECTED_VALUE.search(message)
+        if not match:
+            return False
+        name, rejected = _option_name(match.group(1)), next(value for value in match.groups()[1:] if value is not None)
+        return name not in self.command_line_options and self.file_values.get(name) == rejected
+
+
+def _option_name(flag: str) -> str:
+    """`--image-interpolation-mode=x` → `image_interpolation_mode`: argparse accepts both spellings."""
+    return flag.split("=", 1)[0].lstrip("-").replace("-", "_")
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
@@ -357,13 +380,17 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
             `["config.yaml"]` or `["config.yaml", "--output_dir", "run2"]`; defaults to `sys.argv[1:]`.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    config_file, file_values = None, {}
+    config_file, file_values, command_line_options = None, {}, set()
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_file, flags = argv[0], config_file_flags(argv[0], TrainConfig)
-        file_values = dict(flag.split("=", 1) for flag in flags if flag.startswith("--") and "=" in flag)
+        file_values = dict(flag[2:].split("=", 1) for flag in flags if flag.startswith("--") and "=" in flag)
+        command_line_options = {_option_name(flag) for flag in argv[1:] if flag.startswith("--")}
         argv = flags + argv[1:]
     parser = TrainArgumentParser(
-        config_file, file_values, description="Fine-tune a latent text-to-image diffusion model."
+        config_file,
+        file_values,
+        command_line_options,
+        description="Fine-tune a latent text-to-image diffusion model.",
     )
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:

@@ -9,6 +9,7 @@ import json
 import typing
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,7 +25,7 @@ def config_file_flags(path: str | Path, config_class: type) -> list[str]:
 
     Raises:
         `FileNotFoundError`: No such file. `ValueError`: Not valid YAML/JSON, not a mapping, an unknown option
-            name, or a value that is not a string, number, boolean or list.
+            name, a value that is not a string, number, boolean or list, or a list for a one-value option.
     """
     path = Path(path)
     options = _read_mapping(path)
@@ -45,12 +46,19 @@ def config_file_flags(path: str | Path, config_class: type) -> list[str]:
         elif isinstance(value, (str, int, float)):
             flags.append(f"--{name}={value}")  # `=`: a value that starts with '-' stays a value
         elif isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+            if not _takes_list(types[name]):
+                raise ValueError(f"Training config file {path}: {name} takes one value, got the list {value!r}.")
             flags += [f"--{name}", *map(str, value)]
         else:
             raise ValueError(
                 f"Training config file {path}: {name} must be a string, number, boolean or list of them, got {value!r}."
             )
     return flags
+
+
+def _takes_list(hint: Any) -> bool:
+    """Whether a field's type is a list (`list[str]`, `list[str] | None`), so that the option takes several values."""
+    return typing.get_origin(hint) is list or any(typing.get_origin(arg) is list for arg in typing.get_args(hint))
 
 
 def _read_mapping(path: Path) -> dict:
