@@ -58,25 +58,11 @@ def _train(argv: list[str]) -> None:
         print(f"model saved to {output_dir}")
 
 
-def _one_thread_if_cores_are_busy() -> None:
-    """PyTorch runs one thread per core; when other processes already keep the cores busy, those threads wait on
-    each other and the CPU demo runs many times slower (seen on 2 shared cores: 7–12 s a step, against 0.68 s with
-    one thread and 0.44 s with two on idle cores). `OMP_NUM_THREADS`, when set, decides instead."""
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
-        return
-    import torch
-
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if torch.get_num_threads() > 1 and not torch.cuda.is_available() and load >= cores / 2:
-        torch.set_num_threads(1)
-        print(f"Other processes keep the cores busy (load {load:.1f} on {cores} cores): training with one thread, "
-              "which is faster then (set OMP_NUM_THREADS to choose).", file=sys.stderr)  # fmt: skip
-
-
 def _demo(args: argparse.Namespace) -> None:
+    from .cpu_threads import use_free_cores
     from .demo import run_demo
 
-    _one_thread_if_cores_are_busy()
+    use_free_cores()
     output_dir = args.output_dir or Path("outputs/demo-lora" if args.lora_rank else "outputs/demo")
     result = run_demo(args.preset, output_dir, args.rebuild_base, lora_rank=args.lora_rank)
     print(result.summary())
