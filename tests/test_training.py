@@ -1,5 +1,6 @@
 """Fine-tuning on CPU with the tiny pipeline: the loss falls, resume is exact, caching is transparent, outputs load."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -419,11 +420,18 @@ def test_options_that_would_be_ignored_or_crash_are_refused(tmp_path, options, m
         TrainConfig(pretrained_model_name_or_path="x", train_data_dir=str(tmp_path), output_dir=str(tmp_path), **options)
 
 
-@pytest.mark.parametrize("use_warmup, foreach, offload", [(False, True, False), (True, True, False),
-                                                        (False, False, False), (False, True, True)])  # fmt: skip
-def test_ema_matches_diffusers(use_warmup, foreach, offload):
+@pytest.mark.parametrize("use_warmup, foreach, offload, chunk_bytes", [
+    (False, True, False, 2**20), (True, True, False, 2**20), (False, False, False, 2**20), (False, True, True, 2**20),
+    (False, True, True, 100), (False, True, False, 100),  # 100 bytes: the 4 tensors in 3 chunks
+])  # fmt: skip
+def test_ema_matches_diffusers(monkeypatch, use_warmup, foreach, offload, chunk_bytes):
+    """On a CPU `_foreach_lerp_` loops over `lerp_` itself, so foreach against per-tensor checks the code path (the
+    chunks, the copy back of an offloaded average: a copy here too), not CUDA's multi-tensor kernel."""
     from diffusers.training_utils import EMAModel as DiffusersEMA
 
+    from latentdiff.training import ema
+
+    monkeypatch.setattr(ema, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     ours = EMAModel(model, decay=0.99, use_warmup=use_warmup, update_after_step=2, foreach=foreach, offload=offload)
@@ -453,6 +461,31 @@ def test_ema_matches_diffusers(use_warmup, foreach, offload):
     wrong = {**ours.state_dict(), "shadow": {**ours.shadow, "0.bias": torch.zeros(1)}}
     with pytest.raises(ValueError, match=r"other shapes for \['0.bias'\]"):
         restored.load_state_dict(wrong)
+
+
+def test_ema_of_bf16_weights_is_fp32_and_converts_a_chunk_at_a_time(monkeypatch):
+    """DeepSpeed keeps bf16 module weights: the fp32 average must not make an fp32 copy of all of them at once."""
+    from latentdiff.training import ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)]).to(torch.bfloat16)
+    full_precision = copy.deepcopy(model).float()  # the same values, already fp32: nothing to convert
+    ours, reference = EMAModel(model, decay=0.9), EMAModel(full_precision, decay=0.9)
+    converted = []
+    original_chunks = ema._chunks
+    monkeypatch.setattr(ema, "CHUNK_BYTES", 64 * 64 * 4)  # one weight matrix (the biases join the next chunk)
+    monkeypatch.setattr(ema, "_chunks", lambda *a: (converted.append(c) or c for c in original_chunks(*a)))
+    for _ in range(5):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), full_precision.parameters()):
+                p.add_(torch.randn_like(p))
+                q.copy_(p)
+        ours.step(model)
+        reference.step(full_precision)
+    assert all(t.dtype == torch.float32 for t in ours.shadow.values())
+    assert all(torch.equal(a, b) for a, b in zip(ours.shadow.values(), reference.shadow.values()))
+    biggest = max(sum(shadow.numel() * 4 for shadow, _ in chunk) for chunk in converted)
+    assert len(converted) >= 4 * 5 and biggest <= 64 * 64 * 4 + 64 * 4  # no chunk held all 66 KB of the weights
 
 
 @pytest.mark.parametrize("detail_preservation", [1.0, 0.5])

@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 
+CHUNK_BYTES = 64 * 2**20  # the most average bytes that one multi-tensor update (and its temporary copies) covers
+
+
 class EMAModel:
     r"""An EMA copy of a model's trainable parameters, kept in fp32 beside the model.
 
@@ -27,8 +30,10 @@ class EMAModel:
         update_after_step (`int`, *optional*, defaults to 0): The EMA copies the weights until this many steps.
         use_warmup (`bool`, *optional*, defaults to `False`): Use the inverse-gamma warm-up instead of (1+s)/(10+s).
         inv_gamma (`float`, *optional*, defaults to 1.0), power (`float`, *optional*, defaults to 2/3): Warm-up shape.
-        foreach (`bool`, *optional*, defaults to `True`): Update all tensors with one multi-tensor operation (a few
-            kernel launches on a GPU instead of one per parameter, 686 for SD-1.5); the same numbers either way.
+        foreach (`bool`, *optional*, defaults to `True`): Update the tensors with multi-tensor operations, each over
+            up to 64 MB of them (a few kernel launches on a GPU instead of one per parameter, 686 for SD-1.5); the
+            same numbers either way. Parameters of another dtype or device than the fp32 average are converted one
+            such chunk at a time, so their fp32 copies (3.4 GB for bf16 SD-1.5 weights) never exist all at once.
         offload (`bool`, *optional*, defaults to `False`): Keep the average in host memory (pinned when there is a
             GPU) and bring it to the model's device only to update it: frees its fp32 copy of the weights (3.4 GB
             for SD-1.5) from the GPU at the cost of two transfers per step.
@@ -75,20 +80,15 @@ class EMAModel:
         """Move the average toward `model`'s current weights; call once after each optimizer step."""
         self.optimization_step += 1
         weight = 1.0 - self.get_decay(self.optimization_step)
-        params = [(self.shadow[name], p.detach()) for name, p in model.named_parameters() if name in self.shadow]
-        if not params:
-            return
-        shadows = [shadow for shadow, _ in params]
-        work = [shadow.to(param.device, non_blocking=True) for shadow, param in params] if self.offload else shadows
-        targets = [param.to(w.device, w.dtype) for w, (_, param) in zip(work, params)]  # no copy when they match
-        if self.foreach:
-            torch._foreach_lerp_(work, targets, weight)  # θ_ema + (1 − d)(θ − θ_ema), every tensor at once
-        else:
-            for average, target in zip(work, targets):
-                average.lerp_(target, weight)
-        if self.offload:
-            for shadow, average in zip(shadows, work):
-                shadow.copy_(average)  # blocking: the host copy is complete when step() returns
+        pairs = [(self.shadow[name], p.detach()) for name, p in model.named_parameters() if name in self.shadow]
+        for chunk in _chunks(pairs, CHUNK_BYTES if self.foreach else 0):
+            shadows = [shadow for shadow, _ in chunk]
+            work = [s.to(p.device, copy=True, non_blocking=True) for s, p in chunk] if self.offload else shadows
+            targets = [param.to(w.device, w.dtype) for w, (_, param) in zip(work, chunk)]  # no copy when they match
+            torch._foreach_lerp_(work, targets, weight)  # θ_ema + (1 − d)(θ − θ_ema), for the chunk's tensors at once
+            if self.offload:
+                for shadow, average in zip(shadows, work):
+                    shadow.copy_(average)  # blocking: the host copy is complete when step() returns
 
     def to(self, device: torch.device | str) -> "EMAModel":
         """Move the average to `device`; an offloaded average stays in host memory."""
@@ -140,6 +140,20 @@ class EMAModel:
         with torch.no_grad():
             for name, t in self.shadow.items():
                 t.copy_(state_dict["shadow"][name])  # in place: keeps the device, dtype and pinned memory
+
+
+def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], max_bytes: int) -> Iterator[list]:
+    """`pairs` (average, parameter) in consecutive runs whose averages hold at most `max_bytes` (at least one pair)."""
+    chunk, size = [], 0
+    for pair in pairs:
+        nbytes = pair[0].numel() * pair[0].element_size()
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(pair)
+        size += nbytes
+    if chunk:
+        yield chunk
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
