@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from safetensors.torch import load_file
 from test_data import write_caption_folder
@@ -160,6 +161,28 @@ def test_resume_is_exact(tiny_pipeline_path, tmp_path):
             weights(tmp_path / "resumed" / "checkpoint-4" / name),
         )
     assert_same_weights(weights(tmp_path / "straight" / UNET_WEIGHTS), weights(tmp_path / "resumed" / UNET_WEIGHTS))
+
+
+@pytest.mark.parametrize(
+    "saved, changed",
+    [
+        ({}, "'image_interpolation_mode': ('bilinear', 'lanczos')"),  # written before the option: bilinear
+        ({"image_interpolation_mode": "lanczos", "resolution": 64}, "'resolution': (64, 32)"),
+        ({"image_interpolation_mode": "lanczos", "resolution": 32, "train_batch_size": 2}, None),
+    ],
+)  # fmt: skip
+def test_resuming_with_other_image_or_order_settings_warns(tmp_path, caplog, saved, changed):
+    from latentdiff.training.loop import _run_seed
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / STATE_FILE).write_text(json.dumps({"global_step": 2, "seed": 7, "num_processes": 1, **saved}))
+    config = TrainConfig(pretrained_model_name_or_path="x", train_data_dir=str(tmp_path), resolution=32,
+                         train_batch_size=2)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert _run_seed(config, checkpoint, Accelerator(cpu=True)) == 7
+    assert ("will not continue exactly" in caplog.text) == (changed is not None)
+    assert changed is None or changed in caplog.text
 
 
 def test_cache_latents_gives_the_same_trajectory(tiny_pipeline_path, caption_folder, tmp_path):

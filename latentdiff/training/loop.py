@@ -14,6 +14,7 @@ import math
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -270,8 +271,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             step_loss = 0.0
             if global_step % config.checkpointing_steps == 0:
-                state = {"global_step": global_step, "seed": seed, "num_processes": accelerator.num_processes,
-                         "train_batch_size": config.train_batch_size, "gradient_accumulation_steps": accum}  # fmt: skip
+                state = {"global_step": global_step, "seed": seed, **_what_resuming_keeps(config, accelerator)}
                 save_checkpoint(accelerator, output_dir, state, config.checkpoints_total_limit, keep=resume_from)
             if global_step >= max_train_steps:
                 break
@@ -336,15 +336,25 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     return output_dir
 
 
+def _what_resuming_keeps(config: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
+    """The settings that decide the data order and the images, saved in each checkpoint: a run resumed with others
+    trains on, but no longer as the uninterrupted run would have."""
+    return {"num_processes": accelerator.num_processes, "train_batch_size": config.train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps, "resolution": config.resolution,
+            "center_crop": config.center_crop, "random_flip": config.random_flip,
+            "image_interpolation_mode": config.image_interpolation_mode}  # fmt: skip
+
+
 def _run_seed(config: TrainConfig, resume_from: Path | None, accelerator: Accelerator) -> int:
     """The seed of the run: the resumed checkpoint's, else `--seed`, else drawn once and shared by all processes."""
     if resume_from is not None:
         state = read_state(resume_from)
-        checks = {"num_processes": accelerator.num_processes, "train_batch_size": config.train_batch_size,
-                  "gradient_accumulation_steps": config.gradient_accumulation_steps}  # fmt: skip
-        changed = {k: (state.get(k), v) for k, v in checks.items() if state.get(k) not in (None, v)}
+        saved = {"image_interpolation_mode": "bilinear", **state}  # checkpoints from before the option: bilinear
+        checks = _what_resuming_keeps(config, accelerator)
+        changed = {k: (saved.get(k), v) for k, v in checks.items() if saved.get(k) not in (None, v)}
         if changed:
-            logger.warning(f"Resuming with changed {changed} (saved, now): the data order will not continue exactly.")
+            logger.warning(f"Resuming with changed {changed} (saved, now): the run will not continue exactly as it "
+                           "would have; give the saved values to continue it.")  # fmt: skip
         if config.seed is not None and config.seed != state["seed"]:
             logger.warning(f"--seed {config.seed} ignored: continuing the resumed run's seed {state['seed']}.")
         return state["seed"]
