@@ -439,6 +439,9 @@ def test_generate_images_default_is_float32_for_a_folder_stored_in_fp16(tiny_pip
     runs = [generate_images(str(half), PROMPTS[:1], output_dir=tmp_path / str(dtype), num_inference_steps=2,
                             device="cpu", torch_dtype=dtype).image_paths[0] for dtype in (None, "fp32")]  # fmt: skip
     assert np.array_equal(*(np.asarray(Image.open(path)) for path in runs))
+    pipe = LatentDiffusionPipeline.from_pretrained(half)  # the Python API too
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == pipe.vae.dtype == torch.float32
+    assert LatentDiffusionPipeline.from_pretrained(half, dtype=torch.float16).text_encoder.dtype == torch.float16
 
 
 @pytest.mark.parametrize(
