@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from test_data import write_caption_folder
 from test_training import Recorder, assert_same_weights, make_config, run_straight_and_resumed
 
-import latentdiff.training.loop as loop
+import latentdiff.training.models as training_models
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.training import TrainConfig, train
 
@@ -28,8 +28,8 @@ def lora_run(tiny_pipeline_path, tmp_path_factory):
         loaded.append(real(*args, **kwargs))
         return loaded[-1]
 
-    real = loop.load_components
-    loop.load_components = spy
+    real = training_models.load_components
+    training_models.load_components = spy
     recorder = Recorder()
     try:
         config = make_config(
@@ -40,7 +40,7 @@ def lora_run(tiny_pipeline_path, tmp_path_factory):
         )  # fmt: skip
         output_dir = train(config, [recorder])
     finally:
-        loop.load_components = real
+        training_models.load_components = real
     return output_dir, recorder, loaded[0]
 
 

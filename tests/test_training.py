@@ -584,10 +584,10 @@ def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path,
     and weights as eager. Inductor's kernels are for the GPU run (benchmarks/gpu.py)."""
     import functools
 
-    import latentdiff.training.loop as loop
+    import latentdiff.training.models as training_models
     from latentdiff.acceleration import compile_unet
 
-    monkeypatch.setattr(loop, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
+    monkeypatch.setattr(training_models, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
     runs = {}
     for compiled in (False, True):
         torch._dynamo.reset()

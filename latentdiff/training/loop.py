@@ -1,15 +1,14 @@
 """`train(config)`: fine-tune a latent text-to-image model with Accelerate, from data to a saved pipeline.
 
-`_train` reads top to bottom: 1. checks, seed and Hub repo, 2. models, 3. data, 4. optimizer and steps, 5. resume,
-6. the loop (encode → noise → predict → loss → step → EMA → log → checkpoint → validate), 7. save, card, push.
+`_train` reads top to bottom: 1. checks, seed and Hub repo, 2. models (`models.py`), 3. data, 4. optimizer and
+steps, 5. resume, 6. the loop (encode → noise → predict → loss → step → EMA → log → checkpoint → validate), 7. save,
+card, push (`finish.py`).
 
 Every random draw is a function of (seed, epoch, row) in the data and of (seed, process, epoch, batch) in the
 loop, never of the global RNG's history, so a run resumed from a checkpoint continues exactly as the
 uninterrupted run would have (same batches, crops, noise, timesteps: same weights).
 """
 
-import contextlib
-import json
 import math
 import secrets
 from collections.abc import Sequence
@@ -24,19 +23,15 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..acceleration import compile_unet
-from ..atomic import atomic_entries, atomic_write_text, disk_full_explained, remove_leftovers
-from ..components import load_components, load_frozen_parts, load_unet, resolve_model_folder
+from ..atomic import remove_leftovers
 from ..data import load_image_caption_dataset, warn_long_captions
 from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
-from ..hub import create_hub_repo, model_card, push_to_hub, write_model_card
-from ..models import UNet2DConditionModel
+from ..hub import create_hub_repo
 from ..pipelines import LatentDiffusionPipeline
 from ..text import encode_prompts
 from .accelerator import accelerator_for, check_distributed_support
 from .checkpoint import (
     checkpoint_step,
-    full_disk_advice,
     list_checkpoints,
     load_checkpoint,
     read_state,
@@ -46,12 +41,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .ema import EMAModel
+from .finish import RunSummary, save_trained
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
-from .lora import add_lora_adapters, save_lora
 from .losses import diffusion_loss
-from .models import build_optimizer, check_resolution, freeze, noise_scheduler_for, unet_from_config, weight_dtype_for
-from .validation import generate_validation_images, inference_scheduler, save_validation_images
+from .models import TrainingModels, build_optimizer, load_training_models
+from .validation import inference_scheduler, validate
 
 logger = get_logger(__name__)
 
@@ -95,78 +89,13 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     if config.push_to_hub and accelerator.is_main_process:  # fail now, not after training, if the token is bad
         repo_id = create_hub_repo(config.hub_model_id or output_dir.resolve().name, token=config.hub_token)
 
-    # 2. Models: the frozen VAE (and text encoder) in the weight dtype, the trained UNet in fp32 (whatever dtype the
-    #    folder stores: fp16-only checkpoints are common)
-    with accelerator.main_process_first():  # one download per machine
-        model_folder = resolve_model_folder(
-            config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
-            cache_dir=config.cache_dir, allow_pickle=config.allow_pickle,
-        )  # fmt: skip
-        parts = load_components(
-            model_folder, variant=config.variant, torch_dtype=torch.float32, allow_pickle=config.allow_pickle
-        )
-    vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
-    noise_scheduler = noise_scheduler_for(parts.scheduler, config)
-    unet = parts.unet if config.unet_config is None else unet_from_config(config.unet_config, vae, text_encoder)
-    check_resolution(config.resolution, vae, unet)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    freeze(vae, accelerator.device, weight_dtype)
-    lora = config.lora_rank is not None
-    if lora or not config.train_text_encoder:
-        freeze(text_encoder, accelerator.device, weight_dtype)
-    if lora:  # the base weights stay frozen (in the weight dtype); only the fp32 adapters train
-        freeze(unet, accelerator.device, weight_dtype)
-        add_lora_adapters(
-            unet, text_encoder if config.train_text_encoder else None, config.lora_rank, config.lora_alpha,
-            config.lora_dropout, config.lora_target_modules,
-        )  # fmt: skip
-    if config.train_text_encoder:
-        text_encoder.train()
-    unet.train()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    if config.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if config.compile:
-        compile_unet(unet)  # in place: same module, parameters and state-dict keys for Accelerate and the hooks
-    if config.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    ema = None
-    if config.use_ema:
-        ema = EMAModel(
-            unet, decay=config.ema_decay, min_decay=config.ema_min_decay, update_after_step=config.ema_update_after_step,
-            use_warmup=config.ema_use_warmup, inv_gamma=config.ema_inv_gamma, power=config.ema_power,
-            foreach=config.foreach_ema, offload=config.offload_ema,
-        ).to(accelerator.device)  # fmt: skip
-    register_hooks(accelerator, ema, lora)
+    # 2. Models: the frozen VAE (and text encoder) in the weight dtype, the trained UNet in fp32
+    models = load_training_models(config, accelerator)
+    vae, text_encoder, unet, ema = models.vae, models.text_encoder, models.unet, models.ema
+    register_hooks(accelerator, ema, models.lora)
 
     # 3. Data: rows → examples (seeded by seed, epoch, row) → one shared order per epoch → each process its batches
-    with accelerator.main_process_first():
-        rows = load_image_caption_dataset(
-            dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
-            train_data_dir=config.train_data_dir, cache_dir=config.cache_dir, image_column=config.image_column,
-            caption_column=config.caption_column, max_train_samples=config.max_train_samples, seed=seed,
-            on_bad_image=config.on_bad_image,
-        )  # fmt: skip
-    if accelerator.is_main_process:
-        warn_long_captions(rows, config.caption_column, tokenizer)
-    transform = ImageTransform(
-        config.resolution, config.center_crop, config.random_flip, config.image_interpolation_mode
-    )
-    dataset = ImageCaptionDataset(
-        rows, transform, seed, image_column=config.image_column, caption_column=config.caption_column,
-        caption_dropout=config.caption_dropout,
-    )  # fmt: skip
-    if config.cache_latents:
-        dataset.use_latent_cache(cache_latent_dists(vae, dataset, config.train_batch_size, accelerator))
-    train_dataloader = accelerator.prepare(
-        torch.utils.data.DataLoader(
-            dataset, batch_size=config.train_batch_size, sampler=EpochShuffler(len(dataset), seed),
-            collate_fn=make_collate_fn(tokenizer), num_workers=config.dataloader_num_workers,
-        )
-    )  # fmt: skip
+    dataset, train_dataloader = _training_data(config, accelerator, seed, models)
 
     # 4. Optimizer, learning-rate schedule, number of steps
     accum = config.gradient_accumulation_steps
@@ -202,10 +131,10 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     pipeline = None
     if config.validation_prompts and accelerator.is_main_process:
         sampler = inference_scheduler(
-            model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
+            models.folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
         )
         pipeline = LatentDiffusionPipeline(
-            vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+            vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=models.tokenizer,
             unet=accelerator.unwrap_model(unet), scheduler=sampler,
         )  # fmt: skip
     if accelerator.is_main_process:
@@ -239,7 +168,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 with torch.set_grad_enabled(config.train_text_encoder):
                     encoder_hidden_states = encode_prompts(text_encoder, batch["input_ids"])  # (B, 77, D)
                 loss = diffusion_loss(
-                    unet, noise_scheduler, latents, encoder_hidden_states, generator,
+                    unet, models.noise_scheduler, latents, encoder_hidden_states, generator,
                     config.snr_gamma, config.noise_offset, config.input_perturbation,
                     config.dream_detail_preservation if config.dream_training else None,
                 )  # fmt: skip
@@ -276,64 +205,45 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
             if global_step >= max_train_steps:
                 break
         if pipeline is not None and (epoch + 1) % config.validation_epochs == 0 and global_step < max_train_steps:
-            _validate(pipeline, ema, config, seed, global_step, accelerator)
+            validate(pipeline, ema, config, seed, global_step, accelerator)
     progress.close()
 
     # 7. Save the pipeline, or the LoRA adapters (EMA weights with --use_ema); final validation, card, upload
-    accelerator.wait_for_everyone()
-    unet_state = None if lora else accelerator.get_state_dict(unet)  # all processes: FSDP/ZeRO gather the weights
-    if accelerator.is_main_process:
-        trained_unet, trained_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-        text_encoder = trained_text_encoder
-        if lora or weight_dtype != torch.float32:  # the frozen parts in fp32, not their half-precision copies
-            vae, base_text_encoder = load_frozen_parts(
-                model_folder, variant=config.variant, torch_dtype=torch.float32, allow_pickle=config.allow_pickle
-            )
-            if lora or not config.train_text_encoder:  # a LoRA pipeline starts from the base and loads the adapters
-                text_encoder = base_text_encoder
-        sampler = inference_scheduler(
-            model_folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
-        )
-        if lora:  # the EMA averages the adapters, saved from the trained UNet; the pipeline is the base + file
-            unet = load_unet(
-                model_folder, variant=config.variant, torch_dtype=torch.float32, allow_pickle=config.allow_pickle
-            )
-            averaged = trained_unet
-        else:
-            unet = UNet2DConditionModel.from_config(trained_unet.config)
-            unet.load_state_dict(unet_state)
-            averaged = unet
-        if ema is not None:
-            ema.copy_to(averaged)
-        final = LatentDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler
-        )
-        if lora:
-            with disk_full_explained(output_dir, "the LoRA adapters", full_disk_advice(output_dir)):
-                saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
-            final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
-        else:  # beside the checkpoints, swapped in whole: a crash leaves the old pipeline or no pipeline, no mix
-            with atomic_entries(output_dir, "model_index.json", stale=("README.md", "training_config.json")) as tmp:
-                with disk_full_explained(output_dir, "the trained pipeline", full_disk_advice(output_dir), partial=tmp):
-                    final.save_pretrained(tmp)
-            saved = output_dir
-        options = config.to_dict() | {"seed": seed}  # the seed the run used, also when it was drawn: reproducible
-        atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
-        images = []
-        if config.validation_prompts:
-            paths = _validate(final.to(accelerator.device), None, config, seed, global_step, accelerator)
-            images = [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, config.validation_prompts)]
-        hyperparameters = options | {"max_train_steps": max_train_steps, "num_train_epochs": num_epochs}
-        card = model_card(
-            repo_id or config.hub_model_id or output_dir.resolve().name, config.pretrained_model_name_or_path,
-            config.dataset_name or config.train_data_dir, hyperparameters, images, global_step, lora=lora,
-        )  # fmt: skip
-        write_model_card(output_dir, card)
-        if repo_id is not None:
-            push_to_hub(output_dir, repo_id, token=config.hub_token)
-        logger.info(f"Saved the trained {'LoRA adapters' if lora else 'pipeline'} to {saved}")
-    accelerator.wait_for_everyone()
+    save_trained(config, accelerator, models, unet, text_encoder,
+                 RunSummary(seed, global_step, max_train_steps, num_epochs, repo_id))  # fmt: skip
     return output_dir
+
+
+def _training_data(
+    config: TrainConfig, accelerator: Accelerator, seed: int, models: TrainingModels
+) -> tuple[ImageCaptionDataset, torch.utils.data.DataLoader]:
+    """The examples (each seeded by seed, epoch and row) and the prepared loader: one shared shuffled order per
+    epoch, each process its share of the batches."""
+    with accelerator.main_process_first():
+        rows = load_image_caption_dataset(
+            dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
+            train_data_dir=config.train_data_dir, cache_dir=config.cache_dir, image_column=config.image_column,
+            caption_column=config.caption_column, max_train_samples=config.max_train_samples, seed=seed,
+            on_bad_image=config.on_bad_image,
+        )  # fmt: skip
+    if accelerator.is_main_process:
+        warn_long_captions(rows, config.caption_column, models.tokenizer)
+    transform = ImageTransform(
+        config.resolution, config.center_crop, config.random_flip, config.image_interpolation_mode
+    )
+    dataset = ImageCaptionDataset(
+        rows, transform, seed, image_column=config.image_column, caption_column=config.caption_column,
+        caption_dropout=config.caption_dropout,
+    )  # fmt: skip
+    if config.cache_latents:
+        dataset.use_latent_cache(cache_latent_dists(models.vae, dataset, config.train_batch_size, accelerator))
+    train_dataloader = accelerator.prepare(
+        torch.utils.data.DataLoader(
+            dataset, batch_size=config.train_batch_size, sampler=EpochShuffler(len(dataset), seed),
+            collate_fn=make_collate_fn(models.tokenizer), num_workers=config.dataloader_num_workers,
+        )
+    )  # fmt: skip
+    return dataset, train_dataloader
 
 
 def _what_resuming_keeps(config: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
@@ -376,21 +286,3 @@ def _tracker_config(config: TrainConfig) -> dict:
     """Options as tracker hyperparameters (TensorBoard takes only scalars and strings; no secrets)."""
     values = {k: ", ".join(v) if isinstance(v, list) else v for k, v in config.to_dict().items()}
     return {k: v for k, v in values.items() if v is not None}
-
-
-def _validate(
-    pipeline: LatentDiffusionPipeline, ema: EMAModel | None, config: TrainConfig, seed: int, step: int,
-    accelerator: Accelerator,
-) -> list[Path]:  # fmt: skip
-    """Sample the validation prompts (with the EMA weights swapped in when there is an EMA); save and log them."""
-    logger.info(f"Validation at step {step}")
-    averaged = ema.averaged(pipeline.unet) if ema is not None else contextlib.nullcontext()
-    was_training = pipeline.unet.training
-    pipeline.unet.eval()
-    with averaged:
-        images = generate_validation_images(
-            pipeline, config.validation_prompts, seed, config.validation_inference_steps,
-            config.validation_guidance_scale, config.resolution, accelerator,
-        )  # fmt: skip
-    pipeline.unet.train(was_training)
-    return save_validation_images(images, config.validation_prompts, Path(config.output_dir), step, accelerator)

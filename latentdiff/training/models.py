@@ -1,14 +1,20 @@
 """What the loop trains and with what: the base model's parts, an optional fresh UNet, checks, the optimizer."""
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..components import vae_scale_factor
+from ..acceleration import compile_unet
+from ..components import load_components, resolve_model_folder, vae_scale_factor
 from ..models import UNet2DConditionModel
 from .config import TrainConfig
+from .ema import EMAModel
+from .lora import add_lora_adapters
 
 
 def noise_scheduler_for(scheduler: DDPMScheduler, config: TrainConfig) -> DDPMScheduler:
@@ -97,3 +103,65 @@ def build_optimizer(
         eps=config.adam_epsilon,
         **options,
     )
+
+
+@dataclass
+class TrainingModels:
+    """A run's models, loaded and set up for training (not yet through `accelerator.prepare`)."""
+
+    folder: Path  # the base model's local folder: the final save reloads fp32 parts and the scheduler from it
+    vae: AutoencoderKL  # frozen, in the weight dtype
+    text_encoder: PreTrainedModel  # frozen in the weight dtype, or trained (fp32) with --train_text_encoder
+    tokenizer: PreTrainedTokenizerBase
+    unet: UNet2DConditionModel  # fp32, or frozen in the weight dtype with fp32 LoRA adapters
+    noise_scheduler: DDPMScheduler  # the training noise schedule
+    weight_dtype: torch.dtype
+    lora: bool
+    ema: EMAModel | None
+
+
+def load_training_models(config: TrainConfig, accelerator: Accelerator) -> TrainingModels:
+    """Load the base model's parts in fp32 (whatever dtype the folder stores: fp16-only checkpoints are common), then
+    freeze, adapt and wrap them as the options say."""
+    with accelerator.main_process_first():  # one download per machine
+        folder = resolve_model_folder(
+            config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+            cache_dir=config.cache_dir, allow_pickle=config.allow_pickle,
+        )  # fmt: skip
+        parts = load_components(folder, variant=config.variant, torch_dtype=torch.float32, allow_pickle=config.allow_pickle)
+    vae, text_encoder = parts.vae, parts.text_encoder
+    noise_scheduler = noise_scheduler_for(parts.scheduler, config)
+    unet = parts.unet if config.unet_config is None else unet_from_config(config.unet_config, vae, text_encoder)
+    check_resolution(config.resolution, vae, unet)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    freeze(vae, accelerator.device, weight_dtype)
+    lora = config.lora_rank is not None
+    if lora or not config.train_text_encoder:
+        freeze(text_encoder, accelerator.device, weight_dtype)
+    if lora:  # the base weights stay frozen (in the weight dtype); only the fp32 adapters train
+        freeze(unet, accelerator.device, weight_dtype)
+        add_lora_adapters(
+            unet, text_encoder if config.train_text_encoder else None, config.lora_rank, config.lora_alpha,
+            config.lora_dropout, config.lora_target_modules,
+        )  # fmt: skip
+    if config.train_text_encoder:
+        text_encoder.train()
+    unet.train()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if config.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if config.compile:
+        compile_unet(unet)  # in place: same module, parameters and state-dict keys for Accelerate and the hooks
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(
+            unet, decay=config.ema_decay, min_decay=config.ema_min_decay, update_after_step=config.ema_update_after_step,
+            use_warmup=config.ema_use_warmup, inv_gamma=config.ema_inv_gamma, power=config.ema_power,
+            foreach=config.foreach_ema, offload=config.offload_ema,
+        ).to(accelerator.device)  # fmt: skip
+    return TrainingModels(folder, vae, text_encoder, parts.tokenizer, unet, noise_scheduler, weight_dtype, lora, ema)

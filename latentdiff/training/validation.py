@@ -3,6 +3,7 @@
 The same seed at every validation makes the images comparable across steps: what changes is the model.
 """
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from PIL import Image
 
 from ..atomic import atomic_dir
 from ..pipelines import LatentDiffusionPipeline
+from .config import TrainConfig
+from .ema import EMAModel
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +79,21 @@ def save_validation_images(
             batch = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3) uint8
             tracker.writer.add_images("validation", batch, step, dataformats="NHWC")
     return [folder / f"{i}.png" for i in range(len(images))]
+
+
+def validate(
+    pipeline: LatentDiffusionPipeline, ema: EMAModel | None, config: TrainConfig, seed: int, step: int,
+    accelerator: Accelerator,
+) -> list[Path]:  # fmt: skip
+    """Sample the validation prompts (with the EMA weights swapped in when there is an EMA); save and log them."""
+    logger.info(f"Validation at step {step}")
+    averaged = ema.averaged(pipeline.unet) if ema is not None else contextlib.nullcontext()
+    was_training = pipeline.unet.training
+    pipeline.unet.eval()
+    with averaged:
+        images = generate_validation_images(
+            pipeline, config.validation_prompts, seed, config.validation_inference_steps,
+            config.validation_guidance_scale, config.resolution, accelerator,
+        )  # fmt: skip
+    pipeline.unet.train(was_training)
+    return save_validation_images(images, config.validation_prompts, Path(config.output_dir), step, accelerator)
