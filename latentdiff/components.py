@@ -6,6 +6,7 @@ A Stable Diffusion checkpoint is a folder with ``vae/``, ``text_encoder/``, ``to
 the caller opts in to pickle files, which can run arbitrary code when unpickled.
 """
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from .models import UNet2DConditionModel
 PIPELINE_FOLDERS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHT_FOLDERS = ("vae", "text_encoder", "unet")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,12 +43,14 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _hub_patterns(variant: str | None, allow_pickle: bool) -> tuple[list[str], list[str]]:
+def _hub_patterns(
+    variant: str | None, allow_pickle: bool, weight_folders: tuple[str, ...] = WEIGHT_FOLDERS
+) -> tuple[list[str], list[str]]:
     """Files of a Hub repo that the five parts need: configs, tokenizer files, and one set of weights."""
     allow = ["model_index.json"] + [f"{sub}/*.json" for sub in PIPELINE_FOLDERS] + ["tokenizer/*.txt"]
     suffixes = ["safetensors"] + (["bin"] if allow_pickle else [])
     ignore = []
-    for sub in WEIGHT_FOLDERS:
+    for sub in weight_folders:
         for suffix in suffixes:
             if variant is None:  # plain weights only: skip e.g. diffusion_pytorch_model.fp16.safetensors
                 allow.append(f"{sub}/*.{suffix}")
@@ -53,6 +58,28 @@ def _hub_patterns(variant: str | None, allow_pickle: bool) -> tuple[list[str], l
             else:
                 allow += [f"{sub}/*.{variant}.{suffix}", f"{sub}/*.{variant}-*.{suffix}"]
     return allow, ignore
+
+
+def _has_variant(part: Path, variant: str) -> bool:
+    """Whether a part's folder holds weights of `variant` (`*.fp16.safetensors`, shards `*.fp16-00001-of-00002.*`)."""
+    return part.is_dir() and any(f".{variant}." in p.name or f".{variant}-" in p.name for p in part.iterdir())
+
+
+def _part_variant(folder: Path, sub: str, variant: str | None) -> str | None:
+    """The variant to load `sub` with. As in diffusers' pipelines, a part without weights of the variant loads its
+    plain ones: SD-1.5 has `non_ema` weights for its UNet only."""
+    if variant is None or _has_variant(folder / sub, variant):
+        return variant
+    logger.info(f"{folder / sub} has no {variant!r} weights: loading its plain weights.")
+    return None
+
+
+def _check_variant(folder: Path, variant: str | None) -> None:
+    if variant is not None and not any(_has_variant(folder / sub, variant) for sub in WEIGHT_FOLDERS):
+        raise FileNotFoundError(
+            f"{folder} has no {variant!r} weights in any of {', '.join(f'{sub}/' for sub in WEIGHT_FOLDERS)}: "
+            "leave out the variant (--variant) to load the plain weights, or name one the model has."
+        )
 
 
 def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
@@ -123,24 +150,22 @@ def resolve_model_folder(
             "unet/, vae/, ...) or a Hub id such as org/name."
         )
     else:
-        allow, ignore = _hub_patterns(variant, allow_pickle)
+        download = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         try:
-            folder = Path(
-                snapshot_download(
-                    str(pretrained_model_name_or_path),
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    allow_patterns=allow,
-                    ignore_patterns=ignore,
-                )
-            )
+            allow, ignore = _hub_patterns(variant, allow_pickle)
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=allow,
+                                            ignore_patterns=ignore, **download))  # fmt: skip
+            if plain := tuple(sub for sub in WEIGHT_FOLDERS if variant and not _has_variant(folder / sub, variant)):
+                allow, ignore = _hub_patterns(None, allow_pickle, weight_folders=plain)  # the same snapshot folder
+                snapshot_download(str(pretrained_model_name_or_path), allow_patterns=allow, ignore_patterns=ignore,
+                                  **download)  # fmt: skip
         except (OSError, ValueError) as error:  # offline, no such repo, not a valid repo id, not in the cache
             raise FileNotFoundError(
                 f"{str(pretrained_model_name_or_path)!r} is not a local folder, and the Hub could not be reached: "
                 f"{type(error).__name__}: {error}"
             ) from error
     check_weight_files(folder, allow_pickle)
+    _check_variant(folder, variant)
     return folder
 
 
@@ -153,7 +178,7 @@ def load_unet(
         return UNet2DConditionModel.from_pretrained(
             folder,
             subfolder="unet",
-            variant=variant,
+            variant=_part_variant(folder, "unet", variant),
             torch_dtype=torch_dtype,
             use_safetensors=None if allow_pickle else True,
         )
@@ -167,10 +192,12 @@ def load_frozen_parts(
     """The VAE and the text encoder of a checked local folder: what training keeps frozen (by default)."""
     use_safetensors = None if allow_pickle else True
     vae = AutoencoderKL.from_pretrained(
-        folder, subfolder="vae", variant=variant, torch_dtype=torch_dtype, use_safetensors=use_safetensors
+        folder, subfolder="vae", variant=_part_variant(folder, "vae", variant), torch_dtype=torch_dtype,
+        use_safetensors=use_safetensors,
     )
     text_encoder = CLIPTextModel.from_pretrained(
-        folder, subfolder="text_encoder", variant=variant, use_safetensors=use_safetensors
+        folder, subfolder="text_encoder", variant=_part_variant(folder, "text_encoder", variant),
+        use_safetensors=use_safetensors
     )
     if torch_dtype is not None:  # set after loading: transformers renamed its dtype argument across versions
         text_encoder = text_encoder.to(torch_dtype)

@@ -41,6 +41,45 @@ def test_pickle_weights_need_allow_pickle(tiny_pipeline_path, tmp_path):
     torch.testing.assert_close(parts.unet.state_dict(), unet.state_dict())
 
 
+def test_a_variant_only_the_unet_has_loads_the_other_parts_plain(tiny_pipeline_path, tmp_path):
+    folder = tmp_path / "with_non_ema"  # SD-1.5's layout: non_ema weights for the UNet only
+    shutil.copytree(tiny_pipeline_path, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_in.weight.add_(1.0)
+    unet.save_pretrained(folder / "unet", variant="non_ema")
+    parts = load_components(folder, variant="non_ema")
+    torch.testing.assert_close(parts.unet.state_dict(), unet.state_dict())
+    torch.testing.assert_close(parts.vae.state_dict(), load_components(folder).vae.state_dict())
+    with pytest.raises(FileNotFoundError, match=r"with_non_ema has no 'fp16' weights in any of vae/, text_encoder/"):
+        load_components(folder, variant="fp16")
+
+
+def test_a_hub_variant_fetches_plain_weights_for_the_parts_without_it(tiny_pipeline_path, tmp_path, monkeypatch):
+    from huggingface_hub.utils import filter_repo_objects
+
+    import latentdiff.components as components
+
+    repo = tmp_path / "repo"  # a Hub repo with fp16 weights for the UNet only
+    shutil.copytree(tiny_pipeline_path, repo)
+    UNet2DConditionModel.from_pretrained(repo, subfolder="unet").save_pretrained(repo / "unet", variant="fp16")
+    snapshot = tmp_path / "snapshot"
+
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns, **_):
+        files = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(components, "snapshot_download", snapshot_download)
+    parts = load_components("org/model", variant="fp16")
+    assert isinstance(parts.vae, components.AutoencoderKL)
+    weights = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.safetensors"))
+    assert weights == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                       "vae/diffusion_pytorch_model.safetensors"]  # fmt: skip
+
+
 def test_missing_part_is_named(tiny_pipeline_path, tmp_path):
     folder = tmp_path / "no_vae"
     shutil.copytree(tiny_pipeline_path, folder, ignore=shutil.ignore_patterns("vae"))
