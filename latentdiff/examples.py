@@ -71,9 +71,9 @@ class ImageTransform:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         crop_u, crop_v, flip_u = rng.random(3)  # always drawn, so a setting never shifts later draws
         image = to_rgb(image)
-        scale = self.resolution / min(image.size)
+        short = min(image.size)
         # the sizes and offsets torchvision's Resize, CenterCrop and RandomCrop (diffusers' transforms) give
-        width, height = (max(self.resolution, int(side * scale)) for side in image.size)
+        width, height = (int(self.resolution * side / short) for side in image.size)  # the short side: resolution
         image = image.resize((width, height), RESAMPLING[self.interpolation])
         extra_x, extra_y = width - self.resolution, height - self.resolution
         if self.center_crop:

@@ -184,6 +184,8 @@ def test_crop_offsets_are_torchvision_s(monkeypatch):
     center_crop = ImageTransform(4, center_crop=True)
     center_crop(Image.new("RGB", (26, 7)), np.random.default_rng(0))
     assert crops[-1] == ((14, 4), (5, 0, 9, 4))  # 26·4/7 = 14.86 → 14, not 15
+    ImageTransform(256, center_crop=True)(Image.new("RGB", (196, 392)), np.random.default_rng(0))
+    assert crops[-1][0] == (256, 512)  # int(256·392/196), not int(392·(256/196)) = 511
     center_crop(Image.new("RGB", (7, 4)), np.random.default_rng(0))
     assert crops[-1] == ((7, 4), (2, 0, 6, 4))  # (7 − 4) / 2 = 1.5 → 2, not 1
     random_crop = ImageTransform(4)

@@ -362,6 +362,8 @@ def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(tmp_path, cap
         (dict(use_ema="False"), ValueError, r"--use_ema must be True or False, got 'False'"),
         (dict(train_batch_size="2"), ValueError, r"--train_batch_size must be an integer, got '2'"),
         (dict(seed=1.5), ValueError, r"--seed must be an integer, got 1.5"),
+        (dict(seed=2**32), ValueError, r"--seed must be an integer from 0 to 2\*\*32 - 1, got 4294967296"),
+        (dict(adam_beta2=1.0), ValueError, r"--adam_beta2 must be ≥ 0 and < 1 .*, got 1.0"),
         (dict(learning_rate=-1e-4), ValueError, r"--learning_rate must be a number > 0"),
         (dict(max_grad_norm=0), ValueError, r"--max_grad_norm must be a number > 0"),
         (dict(noise_offset=-0.1), ValueError, r"--noise_offset must be a number ≥ 0, got -0.1"),

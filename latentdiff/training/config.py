@@ -253,10 +253,13 @@ class TrainConfig:
         for name in ("caption_dropout", "ema_decay", "ema_min_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be between 0 and 1, got {getattr(self, name)!r}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= (beta := getattr(self, name)) < 1.0:
+                raise ValueError(f"--{name} must be ≥ 0 and < 1 (AdamW's defaults: 0.9, 0.999), got {beta!r}.")
         self._check_lora()
         self._check_companions()
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}.")
+        if self.seed is not None and not 0 <= self.seed < 2**32:  # numpy's seeds, which `set_seed` sets too
+            raise ValueError(f"--seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}.")
         if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
             raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma!r}.")
         if self.resolution < 8 or self.resolution % 8:

@@ -75,10 +75,10 @@ def save_trained(
             config.dataset_name or config.train_data_dir, hyperparameters, images, run.global_step, lora=lora,
         )  # fmt: skip
         write_model_card(output_dir, card)
-        if run.repo_id is not None:
-            push_to_hub(output_dir, run.repo_id, token=config.hub_token)
         logger.info(f"Saved the trained {'LoRA adapters' if lora else 'pipeline'} to {saved}")
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # the files exist on every process's return; the upload is the main one's alone
+    if accelerator.is_main_process and run.repo_id is not None:  # (gigabytes: a barrier could time out under NCCL)
+        push_to_hub(output_dir, run.repo_id, token=config.hub_token)
 
 
 def _final_pipeline(
