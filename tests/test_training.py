@@ -9,6 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_data import write_caption_folder
 
@@ -183,6 +184,17 @@ def test_resuming_with_other_image_or_order_settings_warns(tmp_path, caplog, sav
         assert _run_seed(config, checkpoint, Accelerator(cpu=True)) == 7
     assert ("will not continue exactly" in caplog.text) == (changed is not None)
     assert changed is None or changed in caplog.text
+
+
+def test_resuming_with_other_ema_settings_warns_and_uses_them(tiny_pipeline_path, caption_folder, tmp_path, caplog):
+    out, options = tmp_path / "out", dict(use_ema=True, checkpointing_steps=1, max_train_samples=4)
+    train(make_config(tiny_pipeline_path, caption_folder, out, max_train_steps=1, ema_decay=0.9, **options))
+    with caplog.at_level("WARNING"):
+        train(make_config(tiny_pipeline_path, caption_folder, out, max_train_steps=2, ema_decay=0.5,
+                          resume_from_checkpoint="latest", **options))  # fmt: skip
+    assert "Resuming with changed EMA settings {'decay': (0.9, 0.5)}" in caplog.text
+    with safe_open(out / "checkpoint-2" / "ema.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()["ema"])["decay"] == 0.5
 
 
 def test_cache_latents_gives_the_same_trajectory(tiny_pipeline_path, caption_folder, tmp_path):

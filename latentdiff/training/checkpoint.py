@@ -144,8 +144,12 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without --use_ema.")
             with safe_open(path, framework="pt") as f:
-                settings = json.loads(f.metadata()["ema"])
-            ema.load_state_dict({**settings, "shadow": load_file(path)})
+                saved = json.loads(f.metadata()["ema"])
+            settings = {k: v for k, v in ema.state_dict().items() if k not in ("shadow", "optimization_step")}
+            changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            if changed and accelerator.is_main_process:
+                logger.warning(f"Resuming with changed EMA settings {changed} (saved, now): averaging on with these.")
+            ema.load_state_dict({**saved, **settings, "shadow": load_file(path)})  # the run's flags, the saved average
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
