@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+_REPLACED = ".replaced-"  # prefix of a folder that `replace_folder` moved aside
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file to write that replaces ``path`` only once the block finishes; on an error it is removed.
@@ -43,12 +46,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def replace_folder(finished: Path, target: Path) -> None:
     """Move the complete folder ``finished`` to ``target``, replacing what is there.
 
-    A folder cannot be renamed over a non-empty one, so the old ``target`` is first renamed aside (``.old-*``) and
-    deleted only after the new one is in place: ``target`` is the old folder, the new one, or (between the two
-    renames) absent with the old one whole beside it. `remove_leftovers` clears what a crash leaves.
+    A folder cannot be renamed over a non-empty one, so the old ``target`` is first renamed aside (``.replaced-*``)
+    and deleted only after the new one is in place: ``target`` is the old folder, the new one, or (between the two
+    renames) absent with the old one whole beside it, which `remove_leftovers` then puts back.
     """
     if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        old = target.with_name(f"{_REPLACED}{target.name}-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
         os.replace(finished, target)
@@ -156,12 +159,18 @@ def _filled_the_disk(error: Exception, folder: str | os.PathLike) -> bool:
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     """Delete the ``.tmp-*`` and ``.old-*`` entries that interrupted atomic writes left in ``folder``; returns them.
 
+    A folder that `replace_folder` had moved aside when it was stopped, before the new one was in, is put back.
     Only while nothing writes into ``folder`` (a run's start): the names of live writes look the same.
     """
     folder = Path(folder)
-    leftovers = sorted(p for p in folder.iterdir() if p.name.startswith((".tmp-", ".old-"))) if folder.is_dir() else []
+    prefixes = (".tmp-", ".old-", _REPLACED)
+    leftovers = sorted(p for p in folder.iterdir() if p.name.startswith(prefixes)) if folder.is_dir() else []
     for path in leftovers:
-        _remove(path)
+        replaced = folder / path.name.removeprefix(_REPLACED).rsplit("-", 1)[0]
+        if path.name.startswith(_REPLACED) and not replaced.exists():
+            os.replace(path, replaced)
+        else:
+            _remove(path)
     return leftovers
 
 

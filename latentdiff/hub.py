@@ -23,7 +23,7 @@ from .atomic import atomic_write_text
 logger = logging.getLogger(__name__)
 
 # Never uploaded: training checkpoints (resumable state, large) and the leftovers of interrupted writes.
-UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", ".old-*", ".old-*/**"]
+UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", ".old-*", ".old-*/**", ".replaced-*", ".replaced-*/**"]
 CARD_HYPERPARAMETERS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "num_train_epochs", "mixed_precision", "use_ema", "ema_decay",

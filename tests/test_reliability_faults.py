@@ -213,6 +213,30 @@ def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_noth
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]
 
 
+def test_a_checkpoint_replaced_when_the_run_was_killed_is_put_back(tmp_path, monkeypatch):
+    """Killed between `replace_folder`'s two renames: the old checkpoint is aside, the new one not yet in; the next
+    start puts the old one back instead of deleting the only complete copy."""
+    import latentdiff.atomic as atomic
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir(), (checkpoint / "w").write_text("old")
+    renames, rename = [], os.replace
+
+    def killed_at_the_second_rename(source, destination):
+        renames.append(destination)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_dir(checkpoint) as tmp:
+        (tmp / "w").write_text("new")
+    monkeypatch.undo()
+    assert not checkpoint.exists()
+    assert [p.name for p in remove_leftovers(tmp_path)] == [f".replaced-checkpoint-4-{os.getpid()}"]
+    assert (checkpoint / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
+
+
 # ---- a full disk ---------------------------------------------------------------------------------------------------
 
 SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 373440 vs 373328"  # torch.save, disk full
