@@ -26,7 +26,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import scale_lora_layers, unscale_lora_layers
+from diffusers.utils import scale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -261,11 +261,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             yield
             return
         self._lora_scale = lora_scale  # diffusers' `lora_scale` property, read when loading more adapters
-        scale_lora_layers(self.text_encoder, lora_scale)
-        try:
+        with _lora_scalings_kept(self.text_encoder):
+            scale_lora_layers(self.text_encoder, lora_scale)
             yield
-        finally:
-            unscale_lora_layers(self.text_encoder, lora_scale)
 
     def prepare_latents(
         self,
@@ -413,7 +411,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         step_kwargs = self._step_kwargs(generator, eta)
 
         # 3. denoise: one UNet call per step on [uncond; cond] when guiding
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        lora_kept = _lora_scalings_kept(self.unet) if lora_scale is not None else contextlib.nullcontext()
+        with lora_kept, self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 guided = self.do_classifier_free_guidance  # a callback may turn guidance off mid-way
                 model_input = torch.cat([latents] * 2) if guided else latents
@@ -448,3 +447,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             return images, None
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
 
+
+@contextlib.contextmanager
+def _lora_scalings_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Put the LoRA layers' scalings of `model` back as they were when the block ends. A call's `{"scale": s}` is
+    undone with diffusers' `unscale_lora_layers`, which after s = 0 sets every adapter to weight 1, so the weights
+    chosen with `set_adapters` would be lost for all later calls."""
+    from peft.tuners.lora import LoraLayer
+
+    saved = [(layer, dict(layer.scaling)) for layer in model.modules() if isinstance(layer, LoraLayer)]
+    try:
+        yield
+    finally:
+        for layer, scaling in saved:
+            layer.scaling.update(scaling)

@@ -97,6 +97,11 @@ def test_adapter_loads_into_diffusers_with_the_same_images(lora_run, tiny_pipeli
         images[f"{name}-scale0"] = pipeline_images(pipeline, cross_attention_kwargs={"scale": 0.0})
         pipeline.set_adapters(pipeline.get_active_adapters(), adapter_weights=0.5)
         images[f"{name}-half"] = pipeline_images(pipeline)
+        for scale in (0.0, 2.0):  # a call's scale is for that call only: the weight 0.5 stays for later calls
+            pipeline_images(pipeline, cross_attention_kwargs={"scale": scale})
+            images[f"{name}-half-after-{scale}"] = pipeline_images(pipeline)
+    for scale in (0.0, 2.0):  # diffusers' own pipeline loses the weight after a scale of 0
+        np.testing.assert_array_equal(images[f"ours-half-after-{scale}"], images["ours-half"])
     assert np.abs(images["ours"] - images["ours-base"]).max() > 1e-2  # the adapter changes the images
     np.testing.assert_allclose(images["ours"], images["diffusers"], atol=1e-4)
     np.testing.assert_allclose(images["ours-half"], images["diffusers-half"], atol=1e-4)
