@@ -124,11 +124,14 @@ def resolve_model_folder(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     allow_pickle: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
 ) -> Path:
     r"""The local folder of a model: the path itself, or the cached Hub snapshot of the files we need.
 
     Only the five parts are fetched from the Hub (no safety checker, no other variants, pickle files only when
-    `allow_pickle`), then the weights are checked with `check_weight_files`.
+    `allow_pickle`), then the weights are checked with `check_weight_files`. `token` and `force_download` are
+    `huggingface_hub.snapshot_download`'s (a private or gated model needs the token, or `hf auth login`).
 
     Raises:
         `FileNotFoundError`: The name is no local folder and the Hub could not be reached (or has no such model).
@@ -150,7 +153,8 @@ def resolve_model_folder(
             "unet/, vae/, ...) or a Hub id such as org/name."
         )
     else:
-        download = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        download = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                        force_download=force_download)  # fmt: skip
         try:
             allow, ignore = _hub_patterns(variant, allow_pickle)
             folder = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=allow,

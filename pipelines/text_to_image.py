@@ -98,7 +98,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             allow_pickle (`bool`, *optional*, defaults to `False`): Also load `.bin` weights (unpickling can run
                 arbitrary code: only for checkpoints you trust).
             kwargs: As `DiffusionPipeline.from_pretrained`: `revision`, `variant`, `dtype`, `cache_dir`,
-                `local_files_only`, components to use instead of the saved ones (`scheduler=...`), ... Without
+                `local_files_only`, `token`, `force_download`, components to use instead of the saved ones (`scheduler=...`), ... Without
                 `dtype` every part loads in float32, as diffusers' models do: transformers would keep an
                 fp16-stored text encoder in fp16 beside an fp32 UNet, which gives other images than float32.
         """
@@ -111,6 +111,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             cache_dir=kwargs.pop("cache_dir", None),
             local_files_only=kwargs.pop("local_files_only", False),
             allow_pickle=allow_pickle,
+            token=kwargs.pop("token", None),
+            force_download=kwargs.pop("force_download", False),
         )
         if "unet" not in kwargs:
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # torch_dtype: the deprecated name

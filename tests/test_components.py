@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 
 from latentdiff.components import ModelComponents, load_components
 from latentdiff.models import UNet2DConditionModel
+from latentdiff.pipelines import LatentDiffusionPipeline
 
 
 def test_loads_all_parts_with_our_unet(tiny_pipeline_path):
@@ -65,7 +66,8 @@ def test_a_hub_variant_fetches_plain_weights_for_the_parts_without_it(tiny_pipel
     UNet2DConditionModel.from_pretrained(repo, subfolder="unet").save_pretrained(repo / "unet", variant="fp16")
     snapshot = tmp_path / "snapshot"
 
-    def snapshot_download(repo_id, allow_patterns, ignore_patterns, **_):
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns, **options):
+        assert options["token"] == token and options["force_download"] == (token is not None)
         files = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
         for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
             (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
@@ -73,11 +75,14 @@ def test_a_hub_variant_fetches_plain_weights_for_the_parts_without_it(tiny_pipel
         return str(snapshot)
 
     monkeypatch.setattr(components, "snapshot_download", snapshot_download)
+    token = None
     parts = load_components("org/model", variant="fp16")
     assert isinstance(parts.vae, components.AutoencoderKL)
     weights = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.safetensors"))
     assert weights == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
                        "vae/diffusion_pytorch_model.safetensors"]  # fmt: skip
+    token = "hf_private"  # a private model: the pipeline passes the token (and force_download) to the download
+    LatentDiffusionPipeline.from_pretrained("org/model", variant="fp16", token=token, force_download=True)
 
 
 def test_missing_part_is_named(tiny_pipeline_path, tmp_path):
