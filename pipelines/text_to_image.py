@@ -188,6 +188,19 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. in `callback_on_step_end`) to skip the remaining steps, as in diffusers."""
+        return self._interrupt
+
+    @property
+    def text_width(self) -> int:
+        """Width `D` of the text embeddings the UNet attends to (the text encoder's, or the UNet's without one)."""
+        if self.text_encoder is not None:
+            return self.text_encoder.config.hidden_size
+        width = self.unet.config.cross_attention_dim
+        return width if isinstance(width, int) else width[0]
+
     # ---- the steps of __call__ ---------------------------------------------------------------------------------
 
     def check_inputs(
@@ -212,9 +225,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             guidance_scale, guidance_rescale, height, width, self.vae_scale_factor, num_inference_steps, timesteps,
             self.scheduler, num_images_per_prompt, output_type, generator,
         )  # fmt: skip
-        check_prompt_arguments(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, self.text_encoder.config.hidden_size
-        )
+        if self.text_encoder is None or self.tokenizer is None:  # loaded with text_encoder=None to save memory
+            given = (("prompt", prompt), ("negative_prompt", negative_prompt))
+            text = [name for name, value in given if value is not None]
+            if guidance_scale > 1 and negative_prompt is None and negative_prompt_embeds is None:
+                text.append('guidance\'s negative prompt ""')
+            if text:
+                raise ValueError(
+                    f"This pipeline has no text encoder or tokenizer (loaded with None), so it cannot encode "
+                    f"{', '.join(text)}: pass prompt_embeds (and negative_prompt_embeds when guidance_scale > 1)."
+                )
+        check_prompt_arguments(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, self.text_width)
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -259,7 +280,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     @contextlib.contextmanager
     def _text_encoder_lora_scale(self, lora_scale: float | None) -> Iterator[None]:
         """Scale the text encoder's LoRA layers inside the block, as diffusers' pipelines do for `{"scale": s}`."""
-        if lora_scale is None:
+        if lora_scale is None or self.text_encoder is None:
             yield
             return
         self._lora_scale = lora_scale  # diffusers' `lora_scale` property, read when loading more adapters
@@ -375,6 +396,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         """
         # 0. defaults and checks
         sample_size = self.unet.config.sample_size
+        if sample_size is None and (height is None or width is None):
+            raise ValueError("Pass height and width: this UNet's config has no sample_size to take them from.")
         sample_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         height = sample_size[0] * self.vae_scale_factor if height is None else height  # 0 is an error, not "default"
         width = sample_size[1] * self.vae_scale_factor if width is None else width
@@ -387,6 +410,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             guidance_rescale, generator,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
+        self._interrupt = False
         device = self._execution_device
         batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
 
@@ -416,6 +440,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         lora_kept = _lora_scalings_kept(self.unet) if lora_scale is not None else contextlib.nullcontext()
         with lora_kept, self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
                 guided = self.do_classifier_free_guidance  # a callback may turn guidance off mid-way
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)

@@ -149,6 +149,39 @@ def test_callback_sees_and_replaces_tensors(pipe):
     assert torch.count_nonzero(out) == 0
 
 
+def test_interrupt_set_by_a_callback_skips_the_remaining_steps(pipe):
+    seen = []
+
+    def stop_after_the_first_step(p, i, t, tensors):
+        seen.append(i)
+        p._interrupt = True
+        return {}
+
+    assert run(pipe, callback_on_step_end=stop_after_the_first_step).shape == (1, 32, 32, 3)
+    assert seen == [0] and pipe.interrupt
+    run(pipe)
+    assert not pipe.interrupt  # each call starts uninterrupted
+
+
+def test_without_a_text_encoder_embeddings_give_the_same_images(pipe, tiny_pipeline_path):
+    no_text = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path, text_encoder=None, tokenizer=None)
+    no_text.set_progress_bar_config(disable=True)
+    embeds, negative = pipe.encode_prompt(PROMPTS[:1], pipe.device, 1, True)
+    by_embeds = run(no_text, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative)
+    np.testing.assert_allclose(by_embeds, run(pipe), atol=1e-6)
+    with pytest.raises(ValueError, match=r"no text encoder or tokenizer .* cannot encode prompt, guidance's"):
+        run(no_text)
+    with pytest.raises(ValueError, match=r"cannot encode guidance's negative prompt \"\": pass prompt_embeds \(and"):
+        run(no_text, prompt=None, prompt_embeds=embeds)
+
+
+def test_a_unet_without_sample_size_needs_height_and_width(pipe):
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "sample_size": None})
+    sized = LatentDiffusionPipeline(**{**pipe.components, "unet": unet})
+    with pytest.raises(ValueError, match="Pass height and width: this UNet's config has no sample_size"):
+        sized(PROMPTS[0], num_inference_steps=1)
+
+
 def test_vae_memory_helpers_keep_the_images(pipe):
     reference = run(pipe, prompt=PROMPTS)
     pipe.enable_vae_slicing()

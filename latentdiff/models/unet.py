@@ -278,7 +278,11 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None
     ) -> torch.Tensor:
         if not torch.is_tensor(timestep):
-            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+            narrow = sample.device.type in ("mps", "npu")  # no 64-bit types there (diffusers narrows them too)
+            if isinstance(timestep, float):
+                dtype = torch.float32 if narrow else torch.float64
+            else:
+                dtype = torch.int32 if narrow else torch.int64
             timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
         elif timestep.ndim == 0:
             timestep = timestep[None].to(sample.device)
