@@ -1,6 +1,7 @@
 """LatentDiffusionPipeline: text → image with our UNet, any diffusers scheduler and classifier-free guidance.
 
-It takes `StableDiffusionPipeline`'s arguments and reads and writes its folder format both ways:
+It takes `StableDiffusionPipeline`'s arguments (but `clip_skip`, `sigmas` and IP-Adapter images) and reads
+and writes its folder format both ways:
 
 * `from_pretrained` opens any SD-1.x/2.x diffusers folder or Hub id, always with *our* `UNet2DConditionModel`
   (same config keys and weights as diffusers'), safetensors only unless `allow_pickle=True`.
