@@ -23,6 +23,7 @@ from diffusers import (
 )
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from PIL import Image
+from safetensors import SafetensorError
 
 from latentdiff.atomic import atomic_file
 from latentdiff.hub import as_hub_id, reaching_the_hub
@@ -120,6 +121,11 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
 def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: float = 1.0) -> None:
     """Load LoRA adapters (folder, Hub id, or `.safetensors` file) into `pipe` at strength `scale`."""
     path, hub_id = Path(lora), None
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ValueError(
+            f"--lora {path} is not a .safetensors file: only safetensors LoRA files load here (pickle files can run "
+            "code when loaded). Convert it, or load it in Python with pipe.load_lora_weights(..., allow_pickle=True)."
+        )
     if path.is_file():
         location, options = str(path.parent), {"weight_name": path.name}
     elif path.is_dir():
@@ -141,7 +147,7 @@ def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: flo
             f"--lora {lora} does not fit this model ({_summary(error, prefer='mismatch')}). A LoRA loads on the base "
             "model it was trained on (same UNet and text encoder sizes): pass that model as --model."
         ) from error
-    except OSError as error:  # no network, no such Hub repo, or a local file that is no LoRA weights file
+    except (OSError, SafetensorError) as error:  # no network, no such Hub repo, or a file that is no LoRA weights
         if hub_id:
             raise FileNotFoundError(
                 f"--lora {lora} is no local folder or file, and the Hub did not give it: {_summary(error)}"

@@ -125,6 +125,22 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         return super().from_pretrained(folder, **kwargs)
 
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, adapter_name: str | None = None,
+        allow_pickle: bool = False, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        r"""diffusers' `load_lora_weights`, from safetensors only unless `allow_pickle=True` (as `from_pretrained`):
+        diffusers would fall back to a `.bin` file."""
+        weight_name = str(kwargs.get("weight_name") or "")
+        if not allow_pickle:
+            if weight_name and not weight_name.endswith(".safetensors"):
+                raise ValueError(
+                    f"weight_name={weight_name!r} is a pickle file, and only safetensors LoRA files load by default: "
+                    "pass allow_pickle=True if you trust it, or convert it to safetensors."
+                )
+            kwargs["use_safetensors"] = True
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+
     def to_json_string(self) -> str:
         """`model_index.json` in Stable Diffusion's form (see the module docstring), so plain diffusers loads it."""
         config = json.loads(super().to_json_string())

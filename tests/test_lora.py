@@ -110,6 +110,22 @@ def test_adapter_loads_into_diffusers_with_the_same_images(lora_run, tiny_pipeli
     assert np.abs(images["ours-half"] - images["ours"]).max() > 1e-3
 
 
+def test_pickle_lora_files_need_allow_pickle(lora_run, tiny_pipeline_path, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(load_file(lora_run[0] / LORA_FILE), pickled / "pytorch_lora_weights.bin")
+    pipeline = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    with pytest.raises(OSError, match="pytorch_lora_weights.safetensors"):
+        pipeline.load_lora_weights(pickled)
+    with pytest.raises(ValueError, match=r"weight_name='pytorch_lora_weights.bin' is a pickle file.*allow_pickle=True"):
+        pipeline.load_lora_weights(pickled, weight_name="pytorch_lora_weights.bin")
+    pipeline.load_lora_weights(pickled, allow_pickle=True)
+    pickle_images = pipeline_images(pipeline)
+    pipeline.unload_lora_weights()
+    pipeline.load_lora_weights(lora_run[0])
+    np.testing.assert_array_equal(pickle_images, pipeline_images(pipeline))
+
+
 def test_fused_equals_unfused(lora_run, tiny_pipeline_path):
     pipeline = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
     pipeline.load_lora_weights(lora_run[0])
@@ -235,6 +251,10 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     assert f"error: --lora {tmp_path} holds no {LORA_FILE}" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", "./missing"]) == 2
     assert "error: --lora ./missing does not exist" in capsys.readouterr().err
+    torch.save(load_file(output_dir / LORA_FILE), tmp_path / "adapters.bin")
+    assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora",
+                 str(tmp_path / "adapters.bin")]) == 2  # fmt: skip
+    assert "adapters.bin is not a .safetensors file: only safetensors LoRA files load here" in capsys.readouterr().err
     (tmp_path / "not-lora.safetensors").write_bytes(b"junk")
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora",
                  str(tmp_path / "not-lora.safetensors")]) == 2  # fmt: skip
