@@ -44,6 +44,7 @@ def load_image_caption_dataset(
     max_train_samples: int | None = None,
     seed: int | None = None,
     on_bad_image: str = "skip",
+    verbose: bool = True,
 ) -> datasets.Dataset:
     r"""Load the training split of an image-caption data set, with its image column decoded to PIL images.
 
@@ -57,6 +58,8 @@ def load_image_caption_dataset(
         on_bad_image (`str`, *optional*, defaults to `"skip"`): What to do with images that cannot be read
             (truncated, empty, not images, missing, decompression bombs): `"skip"` them with one summary
             warning, or raise an `"error"` listing them. See `drop_bad_images`.
+        verbose (`bool`, *optional*, defaults to `True`): Show the progress bar and warnings; `False` on all
+            processes of a multi-process run but the main one, which says them once.
     """
     if dataset_name is None and train_data_dir is None:
         raise ValueError("Give a dataset_name (Hub id, file or folder) or a train_data_dir.")
@@ -65,7 +68,7 @@ def load_image_caption_dataset(
     source = dataset_name or train_data_dir
     base_dir = None  # where relative image paths in a table are resolved
     if dataset_name is None:
-        dataset = _load_imagefolder(Path(train_data_dir), cache_dir)
+        dataset = _load_imagefolder(Path(train_data_dir), cache_dir, verbose)
     elif Path(dataset_name).suffix.lower() in TABLE_LOADERS:
         path = Path(dataset_name)
         if not path.is_file():
@@ -108,7 +111,7 @@ def load_image_caption_dataset(
         dataset = _image_paths_to_images(dataset, image_column, base_dir, source)
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
-    return drop_bad_images(dataset, image_column, on_bad_image)
+    return drop_bad_images(dataset, image_column, on_bad_image, verbose)
 
 
 def _is_saved_to_disk(path: Path) -> bool:
@@ -123,7 +126,7 @@ def _train_split(loaded: datasets.Dataset | datasets.DatasetDict, source: str) -
     return loaded
 
 
-def _load_imagefolder(folder: Path, cache_dir: str | None) -> datasets.Dataset:
+def _load_imagefolder(folder: Path, cache_dir: str | None, verbose: bool = True) -> datasets.Dataset:
     """An `imagefolder` data set, after checking what `datasets` would report obscurely (or not at all)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
@@ -134,7 +137,7 @@ def _load_imagefolder(folder: Path, cache_dir: str | None) -> datasets.Dataset:
     metadata_files = [f for f in files if f.name == "metadata.jsonl"]
     named = set().union(*(_check_metadata(metadata) for metadata in metadata_files))
     unlisted = sorted(images - named) if metadata_files else []
-    if unlisted:
+    if unlisted and verbose:
         logger.warning(
             f"{len(unlisted)} images in {folder} have no line in metadata.jsonl and are not used, e.g. "
             f"{', '.join(p.name for p in unlisted[:5])}."
@@ -226,7 +229,9 @@ def image_problem(value: dict | None) -> str | None:
     return None
 
 
-def drop_bad_images(dataset: datasets.Dataset, image_column: str, on_bad_image: str = "skip") -> datasets.Dataset:
+def drop_bad_images(
+    dataset: datasets.Dataset, image_column: str, on_bad_image: str = "skip", verbose: bool = True
+) -> datasets.Dataset:
     r"""Open every image once (decoding JPEGs at 1/8 scale) and drop the rows whose image cannot be used.
 
     A truncated download, an empty file, a text file named `.png`, a missing file or a decompression bomb would
@@ -237,10 +242,12 @@ def drop_bad_images(dataset: datasets.Dataset, image_column: str, on_bad_image: 
         image_column (`str`): Its name.
         on_bad_image (`str`, *optional*, defaults to `"skip"`): `"skip"`: drop them, with one warning that counts
             and names them; `"error"`: raise a `ValueError` listing them. No usable image at all is always an error.
+        verbose (`bool`, *optional*, defaults to `True`): Show the progress bar and the warning.
     """
     stored = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
     problems = {}
-    for start in tqdm(range(0, len(stored), 256), desc="Checking images", unit="batch", leave=False):
+    batches = tqdm(range(0, len(stored), 256), desc="Checking images", unit="batch", leave=False, disable=not verbose)
+    for start in batches:
         for row, value in enumerate(stored[start : start + 256][image_column], start=start):
             if (reason := image_problem(value)) is not None:
                 where = value["path"] if value and value.get("bytes") is None else f"row {row}"
@@ -255,10 +262,11 @@ def drop_bad_images(dataset: datasets.Dataset, image_column: str, on_bad_image: 
             f"{len(problems)} of {len(dataset)} images cannot be used: {named}. Fix or remove them, or leave out "
             "--on_bad_image error to skip them."
         )
-    logger.warning(
-        f"Skipped {len(problems)} of {len(dataset)} images that cannot be used: {named}. "
-        "(--on_bad_image error stops instead.)"
-    )
+    if verbose:
+        logger.warning(
+            f"Skipped {len(problems)} of {len(dataset)} images that cannot be used: {named}. "
+            "(--on_bad_image error stops instead.)"
+        )
     return dataset.select([row for row in range(len(dataset)) if row not in problems])
 
 

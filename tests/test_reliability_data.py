@@ -77,6 +77,14 @@ def test_bad_images_are_skipped_and_counted(tmp_path, small_bomb_limit, caplog):
     assert all(dataset[i]["pixel_values"].shape == (3, 16, 16) for i in range(len(dataset)))
 
 
+def test_the_other_processes_drop_the_same_images_silently(tmp_path, small_bomb_limit, caplog, capsys):
+    """`verbose=False` (every process but the main one): the same rows, with no warning and no progress bar."""
+    folder = messy_folder(tmp_path / "messy")
+    with caplog.at_level(logging.WARNING, logger="latentdiff"):
+        rows = load_image_caption_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "c"), verbose=False)
+    assert len(rows) == 8 and not caplog.records and "Checking images" not in capsys.readouterr().err
+
+
 def test_bad_images_stop_with_on_bad_image_error(tmp_path, small_bomb_limit):
     folder = messy_folder(tmp_path / "messy")
     with pytest.raises(ValueError, match=r"5 of 13 images cannot be used") as error:

@@ -224,7 +224,7 @@ def _training_data(
             dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
             train_data_dir=config.train_data_dir, cache_dir=config.cache_dir, image_column=config.image_column,
             caption_column=config.caption_column, max_train_samples=config.max_train_samples, seed=seed,
-            on_bad_image=config.on_bad_image,
+            on_bad_image=config.on_bad_image, verbose=accelerator.is_main_process,
         )  # fmt: skip
     if accelerator.is_main_process:
         warn_long_captions(rows, config.caption_column, models.tokenizer)
