@@ -113,6 +113,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     unet = trained[0]
     if config.train_text_encoder:
         text_encoder = trained[1]
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]  # FSDP's own, to clip
 
     # 5. Resume: weights, optimizer, LR schedule, EMA from the checkpoint; the data position from its step
     global_step = 0
