@@ -215,6 +215,17 @@ def test_a_full_diffusers_config_constructs_ours():
         UNet2DConditionModel(**UNET_CONFIGS["sd1"], attention_heads=4)
 
 
+def test_keys_only_other_block_types_read_are_taken_at_any_value():
+    """diffusers builds the same SD model whatever these say (only SimpleCrossAttn/ResnetDownsample blocks read
+    them), so ours takes them too and gives diffusers' numbers."""
+    inert = dict(resnet_out_scale_factor=2.0, resnet_skip_time_act=True, cross_attention_norm="layer_norm",
+                 mid_block_only_cross_attention=True, addition_embed_type_num_heads=8)  # fmt: skip
+    reference, ours = paired_models({**UNET_CONFIGS["sd1"], **inert})
+    inputs = unet_inputs(UNET_CONFIGS["sd1"])
+    with torch.no_grad():
+        assert (ours(**inputs).sample - reference(**inputs).sample).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("only_cross", [True, (False, True)])
 def test_only_cross_attention_leaves_the_mid_block_self_attending(only_cross):
     """The text width equals the last block's, so a mid block built cross-only would load diffusers' weights

@@ -35,6 +35,12 @@ FIXED_DIFFUSERS_OPTIONS: dict[str, Any] = {
 }
 
 
+# Of those, the keys that only blocks we never build read (SimpleCrossAttn*/ResnetDownsample* blocks, or
+# `addition_embed_type="text"`): with SD block types any value gives diffusers the same model, so any is accepted.
+INERT_WITH_SD_BLOCKS = ("addition_embed_type_num_heads", "resnet_skip_time_act", "resnet_out_scale_factor",
+                        "mid_block_only_cross_attention", "cross_attention_norm")  # fmt: skip
+
+
 def per_block(value: Any, n_blocks: int, name: str) -> list:
     """Broadcast an int/bool config value to one per block, or check a per-block list's length."""
     if isinstance(value, (list, tuple)):
@@ -76,12 +82,12 @@ def check_config(options: dict[str, Any], n_blocks: int) -> None:
 
 
 def check_fixed_options(options: dict[str, Any]) -> None:
-    """Keyword arguments beyond our constructor's own: each must be a `FIXED_DIFFUSERS_OPTIONS` key at its default
-    (so that `UNet2DConditionModel(**diffusers_unet.config)` works); any other key is a `TypeError`, as Python's own."""
+    """Keyword arguments beyond our constructor's own: each must be a `FIXED_DIFFUSERS_OPTIONS` key at its default,
+    or an `INERT_WITH_SD_BLOCKS` one (so that `UNet2DConditionModel(**diffusers_unet.config)` works); any other key is a `TypeError`, as Python's own."""
     for key, value in options.items():
         if key not in FIXED_DIFFUSERS_OPTIONS:
             raise TypeError(f"UNet2DConditionModel got an unexpected keyword argument {key!r}.")
-        if value != FIXED_DIFFUSERS_OPTIONS[key]:
+        if value != FIXED_DIFFUSERS_OPTIONS[key] and key not in INERT_WITH_SD_BLOCKS:
             raise _unsupported(key, value, FIXED_DIFFUSERS_OPTIONS[key])
 
 
