@@ -52,7 +52,9 @@ def too_long(tokenizer: PreTrainedTokenizerBase, texts: list[str], chunk: int = 
     return long
 
 
-def encode_prompts(text_encoder: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+def encode_prompts(
+    text_encoder: PreTrainedModel, input_ids: torch.Tensor, clip_skip: int | None = None
+) -> torch.Tensor:
     r"""The text encoder's last hidden state for token ids: the UNet's `encoder_hidden_states`.
 
     SD-1.x/2.x condition on every token's final hidden state (no pooling, no attention mask); gradients flow
@@ -61,15 +63,27 @@ def encode_prompts(text_encoder: PreTrainedModel, input_ids: torch.Tensor) -> to
     Args:
         text_encoder (`PreTrainedModel`): A `CLIPTextModel` (or any encoder whose first output is `(B, L, D)`).
         input_ids (`torch.Tensor`): `(B, L)` ids from `tokenize_prompts`; moved to the encoder's device.
+        clip_skip (`int`, *optional*): Condition on the hidden state `clip_skip` layers before the last instead,
+            through the final layer norm, as diffusers' pipelines do (models tuned on it, e.g. many anime ones,
+            want 1 or 2). 0 is the last layer.
 
     Returns:
         `torch.Tensor` of shape `(B, L, D)`, in the encoder's dtype.
     """
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    input_ids = input_ids.to(text_encoder.device)
+    if clip_skip is None:
+        return text_encoder(input_ids)[0]
+    layers = text_encoder.config.num_hidden_layers
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+        raise ValueError(f"clip_skip must be an integer from 0 to {layers - 1} (the encoder has {layers} layers), "
+                         f"got {clip_skip!r}.")  # fmt: skip
+    hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 nests it
+    return final_norm(hidden)
 
 
 def embed_prompts(
-    tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str]
+    tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str], clip_skip: int | None = None
 ) -> torch.Tensor:
-    """`encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts))`: prompts straight to `(B, L, D)`."""
-    return encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts))
+    """`encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts), clip_skip)`: prompts to `(B, L, D)`."""
+    return encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts), clip_skip)

@@ -28,9 +28,10 @@ def check_sampling_arguments(
     num_images_per_prompt: int,
     output_type: str,
     generator: Any = None,
+    sigmas: list[float] | None = None,
 ) -> None:
-    """Guidance, image size, steps (or custom timesteps the scheduler must accept), images per prompt, output type,
-    generator(s)."""
+    """Guidance, image size, steps (or custom timesteps or sigmas the scheduler must accept), images per prompt,
+    output type, generator(s)."""
     if not is_finite_number(guidance_scale) or guidance_scale < 0:
         raise ValueError(
             f"guidance_scale must be a finite number ≥ 0 (1 or less turns guidance off; 7.5 is usual), "
@@ -45,10 +46,13 @@ def check_sampling_arguments(
             raise ValueError(f"{name} must be a positive integer number of pixels, got {size!r}.")
     if height % vae_scale_factor or width % vae_scale_factor:
         raise ValueError(f"height and width must be divisible by the VAE factor {vae_scale_factor}, got {height}x{width}.")
-    if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("Pass at most one of timesteps and sigmas (got both).")
+    if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-    if timesteps is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
-        raise ValueError(f"{type(scheduler).__name__} does not take custom timesteps; use num_inference_steps.")
+    for name, custom in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if custom is not None and name not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(f"{type(scheduler).__name__} does not take custom {name}; use num_inference_steps.")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
     if output_type not in OUTPUT_TYPES:

@@ -1,7 +1,7 @@
 """LatentDiffusionPipeline: text → image with our UNet, any diffusers scheduler and classifier-free guidance.
 
-It takes `StableDiffusionPipeline`'s arguments (but `clip_skip`, `sigmas` and IP-Adapter images) and reads
-and writes its folder format both ways:
+It takes `StableDiffusionPipeline`'s arguments (but IP-Adapter images) and reads and writes its folder format
+both ways:
 
 * `from_pretrained` opens any SD-1.x/2.x diffusers folder or Hub id, always with *our* `UNet2DConditionModel`
   (same config keys and weights as diffusers'), safetensors only unless `allow_pickle=True`.
@@ -236,11 +236,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         guidance_scale: float,
         guidance_rescale: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        sigmas: list[float] | None = None,
     ) -> None:
         """Every argument problem as one clear `ValueError`, before any model runs."""
         check_sampling_arguments(
             guidance_scale, guidance_rescale, height, width, self.vae_scale_factor, num_inference_steps, timesteps,
-            self.scheduler, num_images_per_prompt, output_type, generator,
+            self.scheduler, num_images_per_prompt, output_type, generator, sigmas,
         )  # fmt: skip
         if self.text_encoder is None or self.tokenizer is None:  # loaded with text_encoder=None to save memory
             given = (("prompt", prompt), ("negative_prompt", negative_prompt))
@@ -270,11 +271,14 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         lora_scale: float | None = None,
+        clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         r"""Text embeddings `(B·n, L, D)` for the prompts and, with guidance, for the negative (default `""`) ones.
 
         Args:
             lora_scale (`float`, *optional*): Scale of the text encoder's LoRA adapters for this call.
+            clip_skip (`int`, *optional*): Embed the prompts from the hidden state this many layers before the last
+                (`latentdiff.text.encode_prompts`); as in diffusers, the negative prompts keep the last layer.
 
         Returns:
             `(prompt_embeds, negative_prompt_embeds)`; the second is `None` without classifier-free guidance.
@@ -283,7 +287,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         with self._text_encoder_lora_scale(lora_scale):
             if prompt_embeds is None:
                 prompts = [prompt] if isinstance(prompt, str) else prompt
-                prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts)
+                prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip)
             batch = prompt_embeds.shape[0]
             if do_classifier_free_guidance and negative_prompt_embeds is None:
                 negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
@@ -363,6 +367,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -375,6 +380,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         return_dict: bool = True,
         guidance_rescale: float = 0.0,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable[["LatentDiffusionPipeline", int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> StableDiffusionPipelineOutput | tuple:
@@ -386,6 +392,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                 a multiple of the VAE factor.
             num_inference_steps (`int`, *optional*, defaults to 50): Denoising steps; more is slower and finer.
             timesteps (`list[int]`, *optional*): Custom descending timesteps, for schedulers that accept them.
+            sigmas (`list[float]`, *optional*): Custom descending noise levels, for schedulers that accept them.
             guidance_scale (`float`, *optional*, defaults to 7.5): Classifier-free guidance `s` in
                 `ε = ε_u + s (ε_c − ε_u)`; `≤ 1` disables guidance (and the unconditional half-batch).
             negative_prompt (`str` or `list[str]`, *optional*): What to steer away from (replaces `""` as ε_u's prompt).
@@ -400,6 +407,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                 al. 2024, sec. 3.4); helps with zero-terminal-SNR models at high guidance.
             cross_attention_kwargs (`dict`, *optional*): Passed to the UNet; `{"scale": s}` scales the LoRA adapters
                 of the UNet and the text encoder for this call (0 gives the base model).
+            clip_skip (`int`, *optional*): Condition on the text encoder's hidden state this many layers before the
+                last (through its final layer norm), as diffusers does: 1 or 2 for models tuned that way.
             callback_on_step_end (`Callable` or diffusers' `PipelineCallback`, *optional*): Called as
                 `callback(pipe, i, t, tensors)` after each step; it may return a dict replacing any of those tensors.
                 As in diffusers, with guidance `prompt_embeds` is the batch `[negative; positive]` the UNet sees, so
@@ -424,7 +433,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         self.check_inputs(
             prompt, height, width, num_inference_steps, timesteps, num_images_per_prompt, negative_prompt,
             prompt_embeds, negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs, guidance_scale,
-            guidance_rescale, generator,
+            guidance_rescale, generator, sigmas,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -435,7 +444,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, lora_scale,
+            prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
         )  # fmt: skip
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
@@ -445,6 +454,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         # GPU: the loop queues 50 steps of work with no host sync. The UNet gets a device copy made once.
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=timesteps, device="cpu")
+        elif sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=sigmas, device="cpu")
         else:
             self.scheduler.set_timesteps(num_inference_steps, device="cpu")
         timesteps = self.scheduler.timesteps

@@ -182,6 +182,36 @@ def test_a_unet_without_sample_size_needs_height_and_width(pipe):
         sized(PROMPTS[0], num_inference_steps=1)
 
 
+def test_clip_skip_conditions_on_an_earlier_layer_through_the_final_norm(pipe):
+    ids = pipe.tokenizer([PROMPTS[0]], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+        second_last = pipe.text_encoder.final_layer_norm(hidden[-2])  # diffusers' clip_skip=1
+    embeds, negative = pipe.encode_prompt(PROMPTS[0], pipe.device, 1, True, clip_skip=1)
+    torch.testing.assert_close(embeds, second_last)
+    torch.testing.assert_close(negative, pipe.encode_prompt("", pipe.device, 1, False)[0])  # as diffusers: last layer
+    np.testing.assert_allclose(run(pipe, clip_skip=0), run(pipe), atol=1e-6)  # 0: the last layer, as without it
+    assert np.abs(run(pipe, clip_skip=1) - run(pipe)).max() > 1e-3
+    with pytest.raises(ValueError, match=r"clip_skip must be an integer from 0 to 1 \(the encoder has 2 layers\)"):
+        run(pipe, clip_skip=2)
+
+
+def test_custom_sigmas_give_diffusers_images(pipe, tiny_pipeline_path):
+    from diffusers import EulerDiscreteScheduler
+
+    sigmas = [14.6, 6.0, 2.5, 0.9, 0.3]
+    euler = with_scheduler(pipe, EulerDiscreteScheduler)
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path, safety_checker=None)
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(run(euler, sigmas=sigmas), run(reference, sigmas=sigmas), atol=1e-4)
+    assert euler.num_timesteps == reference.num_timesteps == 4  # Euler: the last sigma is where the last step ends
+    with pytest.raises(ValueError, match="DDIMScheduler does not take custom sigmas"):
+        run(pipe, sigmas=sigmas)
+    with pytest.raises(ValueError, match="at most one of timesteps and sigmas"):
+        run(euler, sigmas=sigmas, timesteps=[999, 500])
+
+
 def test_vae_memory_helpers_keep_the_images(pipe):
     reference = run(pipe, prompt=PROMPTS)
     pipe.enable_vae_slicing()
