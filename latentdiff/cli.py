@@ -37,6 +37,7 @@ def _generate(args: argparse.Namespace) -> None:
         torch_dtype=args.dtype,
         lora=args.lora,
         lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
+        clip_skip=args.clip_skip,
     )
     for path in result.image_paths:
         print(path)
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="gets NNN-<prompt>-seed<S>.png and grid.png (default: outputs/generated)")
     generate.add_argument("--device", default=None, help="default: cuda when available, else mps, else cpu")
     generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights' dtype (default: fp32)")
+    generate.add_argument("--clip-skip", type=int, default=None,
+                          help="condition on the text encoder's layer this many before the last (1 or 2 for models "
+                               "tuned so; default: the last)")  # fmt: skip
     generate.add_argument("--lora", default=None, help="LoRA adapters on top of --model: folder, .safetensors or Hub id")
     generate.add_argument("--lora-scale", type=float, default=None,
                           help="strength of --lora, 0 gives the base model (default: 1)")

@@ -182,6 +182,7 @@ def generate_images(
     torch_dtype: torch.dtype | str | None = None,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    clip_skip: int | None = None,
 ) -> GenerationResult:
     r"""Load a model, generate `num_images_per_prompt` images per prompt, and write PNGs plus a grid.
 
@@ -200,6 +201,7 @@ def generate_images(
         lora (`str` or `os.PathLike`, *optional*): LoRA adapters to load on top of `model`: a folder or Hub id holding
             `pytorch_lora_weights.safetensors` (what `latentdiff train --lora_rank` writes), or the file itself.
         lora_scale (`float`, *optional*, defaults to 1.0): Strength of the adapters; 0 gives the base model.
+        clip_skip (`int`, *optional*): Condition on the text encoder's layer this many before the last.
 
     Returns:
         `GenerationResult` with the image paths, their seeds and the grid path.
@@ -220,7 +222,6 @@ def generate_images(
     pipe = pipe.to(device)
     set_scheduler(pipe, scheduler)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     paths, seeds, images = [], [], []
     for prompt in prompts:
@@ -234,7 +235,9 @@ def generate_images(
             height=height,
             width=width,
             generator=[torch.Generator("cpu").manual_seed(s) for s in prompt_seeds],
+            clip_skip=clip_skip,
         )
+        output_dir.mkdir(parents=True, exist_ok=True)  # after the first images: a bad argument leaves no folder
         for image, image_seed in zip(result.images, prompt_seeds):
             path = output_dir / f"{len(paths):03d}-{_slug(prompt)}-seed{image_seed}.png"
             save_png(image, path)

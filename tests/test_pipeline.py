@@ -495,6 +495,24 @@ def test_generate_images_writes_pngs_and_a_grid(tiny_pipeline_path, tmp_path):
     np.testing.assert_allclose(alone, in_batch, atol=1)  # batched float sums may round one step apart
 
 
+def test_generate_cli_clip_skip(tiny_pipeline_path, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    def generate(name: str, *extra: str) -> np.ndarray:
+        argv = ["generate", "--model", str(tiny_pipeline_path), "--prompt", PROMPTS[0], "--steps", "2",
+                "--device", "cpu", "--output-dir", str(tmp_path / name), *extra]  # fmt: skip
+        assert main(argv) == 0
+        return np.asarray(Image.open(tmp_path / name / "000-a-photo-of-a-cat-seed0.png"), dtype=int)
+
+    assert np.abs(generate("skip1", "--clip-skip", "1") - generate("last")).max() > 0
+    np.testing.assert_array_equal(generate("skip0", "--clip-skip", "0"), generate("last"))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--clip-skip", "5",
+                 "--output-dir", str(tmp_path / "bad")]) == 2  # fmt: skip
+    assert "error: clip_skip must be an integer from 0 to 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_generate_images_default_is_float32_for_a_folder_stored_in_fp16(tiny_pipeline_path, tmp_path):
     """Left to the libraries, an fp16 folder loads as a mix (fp16 text encoder, fp32 UNet): other images than fp32."""
     half = tmp_path / "half"
