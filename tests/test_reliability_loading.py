@@ -144,6 +144,18 @@ def test_an_unknown_option_is_named_with_the_nearest_one(capsys):
 
 
 @pytest.mark.parametrize(
+    "flag, advice",
+    [("--local-rank=0", "accelerate launch and torchrun give each process its rank"),
+     ("--non_ema_revision", "deprecated in diffusers: use --variant non_ema"), ("--rank", "the LoRA rank is --lora_rank here")],
+)  # fmt: skip
+def test_a_diffusers_option_we_do_not_take_says_what_to_do_instead(capsys, flag, advice):
+    with pytest.raises(SystemExit):
+        train_script().main(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", flag, "x"])
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert f"error: unrecognized arguments: {flag} ({advice}" in error
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["generate", "--model", "m"], "latentdiff generate: error: the following arguments are required: --prompt"),

@@ -368,6 +368,23 @@ class TrainArgumentParser(OneLineErrors, HfArgumentParser):
         return name not in self.command_line_options and self.file_values.get(name) == rejected
 
 
+# Options of diffusers' training scripts that are not ours, with what to do instead.
+DIFFUSERS_OPTIONS_NOT_TAKEN = {
+    "non_ema_revision": "deprecated in diffusers: use --variant non_ema",
+    "local_rank": "accelerate launch and torchrun give each process its rank in the environment: launch with one "
+                  "of them, not python -m torch.distributed.launch",  # fmt: skip
+    "rank": "the LoRA rank is --lora_rank here",
+}
+
+
+def _unknown_option_hint(flag: str, known: list[str]) -> str:
+    """`flag` with what to use instead: our advice for a diffusers option we do not take, else the nearest option."""
+    if advice := DIFFUSERS_OPTIONS_NOT_TAKEN.get(_option_name(flag)):
+        return f"{flag} ({advice})"
+    match = difflib.get_close_matches(flag, known, n=1)
+    return f"{flag} (did you mean {match[0]}?)" if match else flag
+
+
 def _option_name(flag: str) -> str:
     """`--image-interpolation-mode=x` → `image_interpolation_mode`: argparse accepts both spellings."""
     return flag.split("=", 1)[0].lstrip("-").replace("-", "_")
@@ -398,7 +415,6 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         flags = [flag for action in parser._actions for flag in action.option_strings]
-        hints = [f"{flag} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(flag, flags, n=1)) else flag
-                 for flag in unknown if flag.startswith("-")]  # fmt: skip
+        hints = [_unknown_option_hint(flag, flags) for flag in unknown if flag.startswith("-")]
         parser.error(f"unrecognized arguments: {' '.join(hints or unknown)}")
     return config
