@@ -11,6 +11,7 @@ About 5% of the emoji (all skin-tone variants of one emoji together, chosen by a
 split never changes) go to ``test/`` only: the demo shows them as prompts the model has never seen.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,9 +82,8 @@ def fetch_package(dest: Path) -> Path:
         )
     dest.mkdir(parents=True, exist_ok=True)
     logger.info("Fetching %s@%s with npm pack into %s", PACKAGE, VERSION, dest)
-    result = subprocess.run(
-        [npm, "pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(dest)],
-        capture_output=True, text=True,
+    result = subprocess.run(  # into its working folder: --pack-destination needs npm ≥ 7.18 (Debian 11 has 7.5)
+        [npm, "pack", f"{PACKAGE}@{VERSION}"], cwd=dest, capture_output=True, text=True
     )
     if result.returncode != 0 or not tarball.is_file():
         raise ConnectionError(  # most often no registry access; an OSError: the CLI prints it as one error line
@@ -103,7 +103,8 @@ def unpack_package(tarball: Path, dest: Path) -> Path:
     crafted archive cannot write elsewhere. Returns the package folder (``dest/package``).
     """
     package = dest / "package"
-    if (package / "emoji.json").is_file():
+    with contextlib.suppress(OSError, ValueError):  # missing or cut since: unpacked again below
+        json.loads((package / "emoji.json").read_text(encoding="utf-8"))
         return package
     with atomic_dir(dest) as tmp, tarfile.open(tarball, "r:gz") as archive:
         members = []
@@ -116,7 +117,8 @@ def unpack_package(tarball: Path, dest: Path) -> Path:
             )
             if member.isfile() and wanted:
                 members.append(member)
-        archive.extractall(tmp, members=members, filter="data")
+        data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python ≥ 3.11.4
+        archive.extractall(tmp, members=members, **data_filter)
         if not (tmp / "package" / "emoji.json").is_file():
             raise FileNotFoundError(f"{tarball} has no package/emoji.json; is it {PACKAGE}?")
     return package
@@ -225,14 +227,30 @@ def prepare_emoji_dataset(root: Path | None = None, package: Path | None = None)
             ``<cache>/npm`` and unpacked there.
     """
     root = Path(root) if root is not None else cache_dir() / f"emoji-google-{VERSION}"
-    info_file = root / "info.json"
-    if info_file.is_file():
-        info = json.loads(info_file.read_text())
-        return EmojiDataset(root, info["num_train"], info["num_heldout"], info["num_missing"])
+    if (cached := _cached_dataset(root)) is not None:
+        return cached
     if package is None:
         npm_dir = cache_dir() / "npm"
         package = unpack_package(fetch_package(npm_dir), npm_dir / f"{PACKAGE}-{VERSION}")
     return convert_package(Path(package), root)
+
+
+def _cached_dataset(root: Path) -> EmojiDataset | None:
+    """The data set built earlier in ``root``, or None when there is none or it was damaged since (it is written
+    whole, so only something else can have cut a file): then it is built again."""
+    if not root.exists():
+        return None
+    try:
+        info = json.loads((root / "info.json").read_text())
+        dataset = EmojiDataset(root, info["num_train"], info["num_heldout"], info["num_missing"])
+        counts = (len(read_split(dataset.train_dir)), len(read_split(dataset.test_dir)))
+        complete = counts == (dataset.num_train, dataset.num_heldout)
+    except (OSError, ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+        complete = False
+    if not complete:
+        logger.warning("The emoji data set in %s is incomplete or damaged; building it again.", root)
+        return None
+    return dataset
 
 
 def read_split(folder: Path) -> list[dict]:

@@ -1,8 +1,10 @@
 """The emoji data set: conversion of a small fake npm package layout into imagefolder + metadata.jsonl."""
 
+import hashlib
 import json
 import subprocess
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,22 @@ def test_prepare_reuses_the_converted_data_set(fake_package, tmp_path, monkeypat
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("damage", ["empty info.json", "cut metadata.jsonl", "no metadata.jsonl"])
+def test_a_damaged_cached_data_set_is_built_again(fake_package, tmp_path, caplog, damage):
+    root = tmp_path / "emoji"
+    first = emoji.prepare_emoji_dataset(root, package=fake_package)
+    metadata = root / "train" / "metadata.jsonl"
+    if damage == "empty info.json":
+        (root / "info.json").write_text("")
+    elif damage == "cut metadata.jsonl":
+        metadata.write_text(metadata.read_text().splitlines()[0] + "\n")
+    else:
+        metadata.unlink()
+    again = emoji.prepare_emoji_dataset(root, package=fake_package)
+    assert "incomplete or damaged; building it again" in caplog.text
+    assert len(read_metadata(again.train_dir)) == again.num_train == first.num_train
+
+
 def test_missing_npm_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path))
     monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
@@ -99,6 +117,21 @@ def test_npm_pack_failing_is_a_connection_error_with_npm_s_words(tmp_path, monke
         emoji.prepare_emoji_dataset()
 
 
+def test_npm_pack_writes_into_its_working_folder(tmp_path, monkeypatch):
+    """npm < 7.18 has no --pack-destination (it would write into the user's folder): run npm in the target."""
+    content = b"the package"
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(emoji, "PACKAGE_SHA1", hashlib.sha1(content).hexdigest())
+
+    def npm_pack(args, cwd, **_):
+        assert args[1:] == ["pack", f"{emoji.PACKAGE}@{emoji.VERSION}"]
+        (Path(cwd) / f"{emoji.PACKAGE}-{emoji.VERSION}.tgz").write_bytes(content)
+        return subprocess.CompletedProcess(args, returncode=0, stdout="", stderr="")
+
+    monkeypatch.setattr(emoji.subprocess, "run", npm_pack)
+    assert emoji.fetch_package(tmp_path / "dest").read_bytes() == content
+
+
 def test_unpack_takes_only_the_data_and_refuses_escaping_paths(fake_package, tmp_path):
     tarball = tmp_path / "pkg.tgz"
     with tarfile.open(tarball, "w:gz") as archive:
@@ -108,6 +141,9 @@ def test_unpack_takes_only_the_data_and_refuses_escaping_paths(fake_package, tmp
     assert (package / "emoji.json").read_text() == (fake_package / "emoji.json").read_text()
     assert len(list((package / emoji.IMAGE_DIR).glob("*.png"))) == 5
     assert not (package / "img" / "google" / "sheets").exists()
+    (package / "emoji.json").write_text("[{")  # cut since: unpacked again
+    assert emoji.unpack_package(tarball, tmp_path / "unpacked").joinpath("emoji.json").read_text() == (
+        fake_package / "emoji.json").read_text()  # fmt: skip
 
     evil = tmp_path / "evil.tgz"
     with tarfile.open(evil, "w:gz") as archive:
