@@ -15,7 +15,8 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 wanted=$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ] && "$VENV/bin/python" -c 'import latentdiff' 2>/dev/null; then
+installed='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("latentdiff", "torch")))'
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ] && "$VENV/bin/python" -c "$installed" 2>/dev/null; then
     exit 0
 fi
 # A .venv without a working pip (venv interrupted, python3-venv missing, its interpreter gone) is made again.
