@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,19 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def card_for_repo(card: str, repo_id: str) -> str:
+    """A card `model_card` wrote at training time, named after the output folder (`# model`), renamed for the repo
+    it is pushed to: its title and the usage snippet's id. Other cards come back unchanged."""
+    title = re.search(r"^# (.+)$", card, flags=re.MULTILINE)
+    if title is None or "- latentdiff" not in card or title.group(1) == repo_id:
+        return card
+    old = title.group(1)
+    card = card[: title.start()] + f"# {repo_id}" + card[title.end() :]
+    for call in ("from_pretrained", "load_lora_weights"):
+        card = card.replace(f'{call}("{old}"', f'{call}("{repo_id}"')
+    return card
+
+
 def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:
     """Write `text` to `output_dir/README.md` atomically."""
     return atomic_write_text(Path(output_dir) / "README.md", text)
@@ -164,6 +178,9 @@ def push_to_hub(
             f"{folder} has no model_index.json nor {LORA_WEIGHT_NAME}: push a saved pipeline or LoRA folder."
         )
     repo_id = create_hub_repo(repo_id, token=token)
+    card = folder / "README.md"
+    if card.is_file() and (text := card.read_text(encoding="utf-8")) != (renamed := card_for_repo(text, repo_id)):
+        write_model_card(folder, renamed)  # the folder keeps what the Hub shows
     with reaching_the_hub(f"upload {folder} to {repo_id}"):
         HfApi(token=token).upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE

@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from test_data import write_caption_folder
 
-from latentdiff.hub import model_card
+from latentdiff.hub import model_card, write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_testTOKENthatMustNotLeak0123456789"
@@ -151,6 +152,24 @@ def test_lora_run_pushes_the_adapters_and_a_lora_card(fake_hub, tiny_pipeline_pa
     card = hub.received["README.md"].decode()
     assert "lora" in yaml.safe_load(card.split("---")[1])["tags"]
     assert f'from_pretrained("{tiny_pipeline_path}"' in card and 'pipeline.load_lora_weights("me/tiny-lora")' in card
+
+
+def test_push_renames_the_card_for_the_repo(fake_hub, tiny_pipeline_path, tmp_path, monkeypatch):
+    """`latentdiff push` of a run folder (the demo's is `model`): the card names the repo it lands in."""
+    import huggingface_hub
+
+    from latentdiff.cli import main
+
+    endpoint, hub = fake_hub
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_path, folder)
+    write_model_card(folder, model_card("model", "org/base", None, {}, [("validation/0.png", "a cat")], 10))
+    assert main(["push", str(folder), "--repo-id", "me/emoji", "--token", TOKEN]) == 0
+    card = hub.received["README.md"].decode()
+    assert "\n# me/emoji\n" in card and 'StableDiffusionPipeline.from_pretrained("me/emoji"' in card
+    assert '"model"' not in card and "# model" not in card
+    assert (folder / "README.md").read_text() == card
 
 
 def test_push_without_a_reachable_hub_is_one_line(tiny_pipeline_path, monkeypatch, capsys):
