@@ -116,9 +116,10 @@ def emoji_train_config(data: EmojiDataset, resolution: int, **options: Any) -> T
     """A `TrainConfig` on the emoji training split with what every run on it shares (the base's stage 3, the demo's
     fine-tuning): square images (center crop is a no-op that allows the latent cache), resized bilinearly as the
     committed base was trained, cached latents, the text encoder trained with the UNet, no trackers; `options` give
-    the rest."""
+    the rest. The `datasets` cache of the images goes into latentdiff's cache too."""
     shared = dict(train_data_dir=str(data.train_dir), resolution=resolution, center_crop=True, cache_latents=True,
-                  image_interpolation_mode="bilinear", train_text_encoder=True, report_to="none")  # fmt: skip
+                  image_interpolation_mode="bilinear", train_text_encoder=True, report_to="none",
+                  cache_dir=str(cache_dir() / "datasets"))  # fmt: skip
     return TrainConfig(**{**shared, **options})
 
 

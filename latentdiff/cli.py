@@ -76,6 +76,12 @@ def _push(args: argparse.Namespace) -> None:
     print(f"pushed {args.folder} to the Hub repo {repo_id}")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
+    return int(text)
+
+
 class CommandParser(OneLineErrors, argparse.ArgumentParser):
     """The `latentdiff` parser and its sub-commands' (argparse makes those of the same class)."""
 
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="training budget (default: cpu)")
     demo.add_argument("--output-dir", type=Path, default=None, help="default: outputs/demo (outputs/demo-lora with --lora-rank)")
     demo.add_argument("--rebuild-base", action="store_true", help="retrain the tiny base model instead of the committed one")
-    demo.add_argument("--lora-rank", type=int, default=None, help="fine-tune LoRA adapters of this rank instead")
+    demo.add_argument("--lora-rank", type=_positive_int, default=None, help="fine-tune LoRA adapters of this rank instead")
     demo.set_defaults(handler=_demo)
 
     commands.add_parser(

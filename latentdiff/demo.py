@@ -14,11 +14,13 @@
 import dataclasses
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from PIL import Image
 
 from .atomic import atomic_write_text
@@ -186,8 +188,8 @@ def run_demo(
     lap("quality")
     seconds["total"] = round(time.perf_counter() - start, 1)
 
-    model = f"{base} --lora {model_dir}" if lora else model_dir
-    command = (f'latentdiff generate --model {model} --prompt "{config.seen_prompts[0]}" '
+    model = f"{shlex.quote(str(base))} --lora {shlex.quote(str(model_dir))}" if lora else shlex.quote(str(model_dir))
+    command = (f"latentdiff generate --model {model} --prompt {shlex.quote(config.seen_prompts[0])} "
                f"--steps {config.inference_steps} --guidance-scale {config.guidance_scale}")  # fmt: skip
     result = DemoResult(output_dir, model_dir, grid_path, output_dir / "demo_results.json", rates["seen"],
                         rates["heldout"], rates["heldout_ceiling"], round(psnr, 2), seconds, command)  # fmt: skip
@@ -220,7 +222,9 @@ def fine_tune(base: Path, data: EmojiDataset, config: DemoConfig, model_dir: Pat
         output_dir=str(model_dir),
     )
     done = model_dir / "training_config.json"
-    if done.is_file() and json.loads(done.read_text()) == json.loads(json.dumps(train_config.to_dict())):
+    model = model_dir / ("model_index.json" if config.lora_rank is None else LORA_WEIGHT_NAME)  # a run's last files
+    same = done.is_file() and json.loads(done.read_text()) == json.loads(json.dumps(train_config.to_dict()))
+    if same and model.is_file():
         logger.info("Reusing the fine-tuned model in %s (same settings); delete it to train again.", model_dir)
         return model_dir
     return train(train_config)

@@ -85,6 +85,9 @@ def test_demo_end_to_end_micro(tmp_path, demo_paths):
     again = run_demo(MICRO, tmp_path / "out", **demo_paths)
     assert weights.stat().st_mtime_ns == mtime
     assert again.seconds["fine-tune"] < 1.0 and time.perf_counter() - start < result.seconds["total"]
+    (result.model_dir / "model_index.json").unlink()  # settings without the model they describe: trained again
+    run_demo(MICRO, tmp_path / "out", **demo_paths)
+    assert (result.model_dir / "model_index.json").is_file() and weights.stat().st_mtime_ns != mtime
 
     # With LoRA: adapters on the same base, loaded on top of it for the grid and the figures.
     lora = run_demo(MICRO, tmp_path / "out-lora", lora_rank=2, **demo_paths)

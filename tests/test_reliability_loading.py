@@ -160,6 +160,7 @@ def test_a_diffusers_option_we_do_not_take_says_what_to_do_instead(capsys, flag,
     [
         (["generate", "--model", "m"], "latentdiff generate: error: the following arguments are required: --prompt"),
         (["demo", "--preset", "tpu"], "latentdiff demo: error: argument --preset: invalid choice: 'tpu'"),
+        (["demo", "--lora-rank", "0"], "latentdiff demo: error: argument --lora-rank: must be an integer ≥ 1, got '0'"),
         (["bogus"], "latentdiff: error: argument command: invalid choice: 'bogus'"),
     ],
 )
