@@ -36,6 +36,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from torch._dynamo.utils import counters
 from transformers import CLIPTextModel
 
 import latentdiff
@@ -61,7 +62,10 @@ PARTS = ("a", "b", "c", "d")
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 UNETS = {"diffusers": diffusers.UNet2DConditionModel, "ours": latentdiff.UNet2DConditionModel}
-COMPILE_LEVERS = {"compile": "default", "compile-cg": "reduce-overhead", "compile-max": "max-autotune"}
+# compile-max alone autotunes GEMMs/convs without CUDA graphs (inductor's "max-autotune" mode also turns them on,
+# and coordinate-descent tuning: that is compile-max+compile-cg), so that each lever is measured on its own.
+COMPILE_LEVERS = {"compile": "default", "compile-cg": "reduce-overhead", "compile-max": "max-autotune-no-cudagraphs"}
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 LEVERS = ("eager", *COMPILE_LEVERS, "channels-last", "fuse-qkv", "compile-vae", "upcast-norms", *ATTENTION_BACKENDS)
 DEFAULT_VARIANTS = {
     "a": {"diffusers": ["eager"], "ours": ["eager", "eager+upcast-norms", "compile"]},
@@ -117,6 +121,8 @@ def parse_variant(name: str, part: str) -> Variant:
     if unknown or not name:
         raise ValueError(f"Unknown lever(s) {sorted(unknown) or [name]} in variant {name!r}: use {', '.join(LEVERS)}.")
     compile_modes = [COMPILE_LEVERS[lever] for lever in levers if lever in COMPILE_LEVERS]
+    if sorted(compile_modes) == ["max-autotune-no-cudagraphs", "reduce-overhead"]:  # compile-max+compile-cg
+        compile_modes = ["max-autotune"]
     backends = [lever for lever in levers if lever in ATTENTION_BACKENDS]
     if len(compile_modes) > 1 or len(backends) > 1:
         raise ValueError(f"Variant {name!r} names more than one compile mode or attention kernel: pick one.")
@@ -157,15 +163,24 @@ def elapsed(fn: Callable[[], object], device: torch.device) -> float:
 def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
     """Median seconds of `repeats` calls after `warmup` ones; the warm-up times show the compile cost.
 
-    The peak-memory counter restarts here: the models are built (and the fp32 → bf16 copies made) by now, so
-    the peak is what running holds: weights, optimizer state, activations.
+    The peak-memory counter restarts here, when the models are built (and the fp32 → bf16 copies made), and again
+    after the warm-up: `peak_gib` is what running holds (weights, optimizer state, activations), without what
+    compiling and CUDA-graph recording hold once (`peak_gib_with_warmup` has both).
     """
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     warmup_runs = [elapsed(fn, device) for _ in range(warmup)]
+    warmup_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     runs = [elapsed(fn, device) for _ in range(repeats)]
     median = statistics.median(runs)
-    return {"seconds": median, "spread": (max(runs) - min(runs)) / median, "runs": runs, "warmup_runs": warmup_runs}
+    figures = {"seconds": median, "spread": (max(runs) - min(runs)) / median, "runs": runs, "warmup_runs": warmup_runs}
+    if cuda:
+        figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        figures["peak_gib_with_warmup"] = max(warmup_peak / 2**30, figures["peak_gib"])
+    return figures
 
 
 def count_host_syncs(fn: Callable[[], object]) -> int:
@@ -238,8 +253,8 @@ class Bench:
         per call by kernel kind (`kernel_ms_by_kind`), the input of the profile-based account."""
         if not self.profile:
             return {}
-        try:
-            table, by_kind = profile_kernels(call, self.device)
+        try:  # one call of a 50-step pipeline is ~1 M profiler events already: minutes of post-processing each
+            table, by_kind = profile_kernels(call, self.device, calls=1 if part in ("c", "d") else 3)
         except Exception as error:  # noqa: BLE001  (a profiler failure must not lose the variant's timings)
             table, by_kind = f"profiling failed: {type(error).__name__}: {error}", {}
         with open(self.profile, "a") as handle:
@@ -325,8 +340,9 @@ class Bench:
 
     def run(self, part: str, kind: str, variant: Variant) -> dict:
         """One variant's figures; an error (OOM, graph break, missing lever) is recorded, not raised."""
+        torch._dynamo.reset()  # a fresh compile cache (and the last variant's CUDA-graph pools let go), then free
         _release(self.device)
-        torch._dynamo.reset()  # a fresh compile cache: recompiles of earlier variants do not count against this one
+        counters["inductor"].clear()
         try:
             if part == "a":
                 figures, output = self.training(kind, variant)
@@ -336,7 +352,9 @@ class Bench:
                 figures, output = self.pipeline(kind, variant, part)
         except Exception as error:  # noqa: BLE001  (the next variant still runs within the device call)
             return {"error": f"{type(error).__name__}: {str(error)[:400]}"}
-        figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
+        figures.setdefault("peak_gib", None)  # None: not on a GPU
+        if variant.compile_mode in CUDA_GRAPH_MODES:  # a graph inductor could not capture runs without CUDA graphs
+            figures["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
         if variant.name == "eager":
             self.references[(part, kind)] = output
         if (part, "diffusers") in self.references and (kind, variant.name) != ("diffusers", "eager"):

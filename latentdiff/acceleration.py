@@ -76,7 +76,9 @@ def compile_pipeline(pipe: Any, mode: str = "default", vae: bool = False, backen
 
 @contextlib.contextmanager
 def attention_backend(name: str | None) -> Iterator[None]:
-    r"""Restrict `scaled_dot_product_attention` to one kernel family inside the block (`None`: PyTorch picks).
+    r"""Make one kernel family `scaled_dot_product_attention`'s first choice inside the block (`None`: PyTorch
+    picks). The others stay as fallbacks, in PyTorch's order: a kernel that refuses some layer's shapes (cuDNN
+    and head dim 160, SD-1.5's innermost blocks, on some versions) costs that layer its speed-up, not the run.
 
     Args:
         name (`str`, *optional*): `"flash"`, `"cudnn"`, `"efficient"` or `"math"`. Under `torch.compile` the
@@ -87,7 +89,8 @@ def attention_backend(name: str | None) -> Iterator[None]:
         return
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"Unknown attention backend {name!r}: use one of {sorted(ATTENTION_BACKENDS)}.")
-    with sdpa_kernel([ATTENTION_BACKENDS[name]]):
+    first = ATTENTION_BACKENDS[name]
+    with sdpa_kernel([first, *(b for b in ATTENTION_BACKENDS.values() if b != first)], set_priority=True):
         yield
 
 

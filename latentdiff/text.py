@@ -70,7 +70,7 @@ def encode_prompts(
     Returns:
         `torch.Tensor` of shape `(B, L, D)`, in the encoder's dtype.
     """
-    input_ids = input_ids.to(text_encoder.device)
+    input_ids = input_ids.to(text_encoder.device, non_blocking=True)  # from pageable memory: staged, no host sync
     if clip_skip is None:
         return text_encoder(input_ids)[0]
     layers = text_encoder.config.num_hidden_layers

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import UNET_CONFIGS, load_benchmark, unet_inputs
 from torch import nn
+from torch.nn import functional as F
 
 from latentdiff import UNet2DConditionModel
 from latentdiff.acceleration import attention_backend, compile_unet, count_flops, peak_bf16_flops
@@ -165,6 +166,8 @@ def test_variants_parse_and_bad_ones_are_named(gpu):
     variant = gpu.parse_variant("compile-cg+channels-last+cudnn", "b")
     assert (variant.compile_mode, variant.attention, variant.channels_last) == ("reduce-overhead", "cudnn", True)
     assert gpu.parse_variant("eager", "a") == gpu.Variant("eager")
+    assert gpu.parse_variant("compile-max", "b").compile_mode == "max-autotune-no-cudagraphs"  # one lever at a time
+    assert gpu.parse_variant("compile-max+compile-cg", "b").compile_mode == "max-autotune"
     with pytest.raises(ValueError, match="turbo"):
         gpu.parse_variant("compile+turbo", "b")
     with pytest.raises(ValueError, match="more than one"):
@@ -210,6 +213,10 @@ def test_compile_and_attention_options_are_checked():
     with pytest.raises(ValueError, match="flashy"):
         with attention_backend("flashy"):
             pass
+    q, k, v = torch.randn(3, 1, 2, 16, 160).unbind(0)  # SD-1.5's innermost head dim
+    with attention_backend("cudnn"):  # first choice, not the only one: here (no cuDNN) another kernel runs
+        preferred = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(preferred, F.scaled_dot_product_attention(q, k, v))
 
 
 def test_kernel_op_count_leaves_out_views_and_sees_ours_launch_fewer():
