@@ -269,7 +269,7 @@ class Bench:
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
         sample, timestep, context = make_inputs(self.sizes.unet, batch, self.device, torch.float32)
         noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)).to(self.device)
-        losses = []
+        first = {}  # the first step's prediction and gradient norm: same weights, same batch in every variant
 
         def step() -> None:
             autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == torch.bfloat16)
@@ -277,9 +277,11 @@ class Bench:
                 prediction = unet(sample, timestep, context, return_dict=False)[0]
             loss = F.mse_loss(prediction.float(), noise)
             loss.backward()
+            if not first:  # the warm-up's first call: checked after timing, so no host sync in the timed steps
+                first["prediction"] = prediction.detach().float()
+                first["grad_norm"] = torch.nn.utils.clip_grad_norm_(unet.parameters(), float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
 
         figures = time_runs(step, self.device, self.warmup, self.repeats["a"])
         figures |= self.profile_calls("a", kind, variant, step)
@@ -287,7 +289,8 @@ class Bench:
         figures["samples_per_s"] = batch / figures["seconds"]
         figures["tflops_per_s"] = flops / figures["seconds"] / 1e12
         figures["mfu"] = figures["tflops_per_s"] * 1e12 / self.peak_flops if self.peak_flops else None
-        return figures, losses[0].float().cpu()[None]  # the first step's loss: same weights, same batch
+        figures["grad_norm_step1"] = first["grad_norm"].item()  # the backward's check: compare across variants
+        return figures, first["prediction"].cpu()  # the forward's check: the error columns compare it
 
     def forward(self, kind: str, variant: Variant) -> tuple[dict, torch.Tensor]:
         unet = prepare_unet(self.unet(kind, self.dtype).eval(), variant)
