@@ -200,6 +200,7 @@ def test_sd15_flops_on_meta_match_between_models_and_the_issue(gpu):
 def test_peak_flops_by_device_name():
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
     assert peak_bf16_flops("NVIDIA H100 PCIe") == pytest.approx(756e12)
+    assert peak_bf16_flops("NVIDIA H100 NVL") == pytest.approx(835e12)
     assert peak_bf16_flops("NVIDIA H200") == pytest.approx(989.4e12)
     assert peak_bf16_flops("Some GPU") is None
 
