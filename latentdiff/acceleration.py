@@ -27,7 +27,8 @@ ATTENTION_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; first substring of the device name wins.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L4", 121.0))
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                    ("L4", 121.0))  # fmt: skip
 
 
 def compile_unet(
