@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 
 _REPLACED = ".replaced-"  # prefix of a folder that `replace_folder` moved aside
+LEFTOVER_PREFIXES = (".tmp-", ".old-", _REPLACED)  # what interrupted writes leave: never part of the content
 
 
 @contextlib.contextmanager
@@ -163,8 +164,7 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     Only while nothing writes into ``folder`` (a run's start): the names of live writes look the same.
     """
     folder = Path(folder)
-    prefixes = (".tmp-", ".old-", _REPLACED)
-    leftovers = sorted(p for p in folder.iterdir() if p.name.startswith(prefixes)) if folder.is_dir() else []
+    leftovers = sorted(p for p in folder.iterdir() if p.name.startswith(LEFTOVER_PREFIXES)) if folder.is_dir() else []
     for path in leftovers:
         replaced = folder / path.name.removeprefix(_REPLACED).rsplit("-", 1)[0]
         if path.name.startswith(_REPLACED) and not replaced.exists():

@@ -121,12 +121,13 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
 def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: float = 1.0) -> None:
     """Load LoRA adapters (folder, Hub id, or `.safetensors` file) into `pipe` at strength `scale`."""
     path, hub_id = Path(lora), None
-    if path.is_file() and path.suffix != ".safetensors":
-        raise ValueError(
-            f"--lora {path} is not a .safetensors file: only safetensors LoRA files load here (pickle files can run "
-            "code when loaded). Convert it, or load it in Python with pipe.load_lora_weights(..., allow_pickle=True)."
-        )
     if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(
+                f"--lora {path} is not a .safetensors file: only safetensors LoRA files load here (pickle files can "
+                "run code when loaded). Convert it, or load it in Python with pipe.load_lora_weights(..., "
+                "allow_pickle=True)."
+            )
         location, options = str(path.parent), {"weight_name": path.name}
     elif path.is_dir():
         if not (path / LORA_WEIGHT_NAME).is_file():

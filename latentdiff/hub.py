@@ -19,12 +19,14 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAM
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from .atomic import atomic_write_text
+from .atomic import LEFTOVER_PREFIXES, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 # Never uploaded: training checkpoints (resumable state, large) and the leftovers of interrupted writes.
-UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", ".old-*", ".old-*/**", ".replaced-*", ".replaced-*/**"]
+UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**"] + [
+    pattern for prefix in LEFTOVER_PREFIXES for pattern in (f"{prefix}*", f"{prefix}*/**")
+]
 CARD_HYPERPARAMETERS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "num_train_epochs", "mixed_precision", "use_ema", "ema_decay",

@@ -99,9 +99,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             allow_pickle (`bool`, *optional*, defaults to `False`): Also load `.bin` weights (unpickling can run
                 arbitrary code: only for checkpoints you trust).
             kwargs: As `DiffusionPipeline.from_pretrained`: `revision`, `variant`, `dtype`, `cache_dir`,
-                `local_files_only`, `token`, `force_download`, components to use instead of the saved ones (`scheduler=...`), ... Without
-                `dtype` every part loads in float32, as diffusers' models do: transformers would keep an
-                fp16-stored text encoder in fp16 beside an fp32 UNet, which gives other images than float32.
+                `local_files_only`, `token`, `force_download`, components to use instead of the saved ones
+                (`scheduler=...`), ... Without `dtype` every part loads in float32, as diffusers' models do:
+                transformers would keep an fp16-stored text encoder in fp16 beside an fp32 UNet, which gives other
+                images than float32.
         """
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs["dtype"] = torch.float32

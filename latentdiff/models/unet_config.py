@@ -83,7 +83,8 @@ def check_config(options: dict[str, Any], n_blocks: int) -> None:
 
 def check_fixed_options(options: dict[str, Any]) -> None:
     """Keyword arguments beyond our constructor's own: each must be a `FIXED_DIFFUSERS_OPTIONS` key at its default,
-    or an `INERT_WITH_SD_BLOCKS` one (so that `UNet2DConditionModel(**diffusers_unet.config)` works); any other key is a `TypeError`, as Python's own."""
+    or an `INERT_WITH_SD_BLOCKS` one (so that `UNet2DConditionModel(**diffusers_unet.config)` works); any other key
+    is a `TypeError`, as Python's own."""
     for key, value in options.items():
         if key not in FIXED_DIFFUSERS_OPTIONS:
             raise TypeError(f"UNet2DConditionModel got an unexpected keyword argument {key!r}.")

@@ -119,7 +119,7 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
                     model.save_pretrained(Path(output_dir) / name)
         weights.clear()  # saved above: Accelerate must not write them again
         if ema is not None and accelerator.is_main_process:
-            settings = {k: v for k, v in ema.state_dict().items() if k != "shadow"}
+            settings = {**ema.settings(), "optimization_step": ema.optimization_step}
             shadow = {name: tensor.cpu() for name, tensor in ema.shadow.items()}
             save_file(shadow, Path(output_dir) / EMA_FILE, metadata={"ema": json.dumps(settings)})
 
@@ -145,7 +145,7 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
                 raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without --use_ema.")
             with safe_open(path, framework="pt") as f:
                 saved = json.loads(f.metadata()["ema"])
-            settings = {k: v for k, v in ema.state_dict().items() if k not in ("shadow", "optimization_step")}
+            settings = ema.settings()
             changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
             if changed and accelerator.is_main_process:
                 logger.warning(f"Resuming with changed EMA settings {changed} (saved, now): averaging on with these.")

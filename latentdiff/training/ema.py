@@ -116,12 +116,15 @@ class EMAModel:
                     if name in backup:
                         param.copy_(backup[name])
 
+    SETTINGS = ("decay", "min_decay", "update_after_step", "use_warmup", "inv_gamma", "power")
+
+    def settings(self) -> dict:
+        """The constructor's averaging settings (what a checkpoint records beside the average)."""
+        return {k: getattr(self, k) for k in self.SETTINGS}
+
     def state_dict(self) -> dict:
         """Settings, step count and averaged tensors (by parameter name)."""
-        settings = {
-            k: getattr(self, k) for k in ("decay", "min_decay", "update_after_step", "use_warmup", "inv_gamma", "power")
-        }
-        return {**settings, "optimization_step": self.optimization_step, "shadow": dict(self.shadow)}
+        return {**self.settings(), "optimization_step": self.optimization_step, "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore `state_dict()`; the parameter names must be those of this EMA's model."""
@@ -135,7 +138,7 @@ class EMAModel:
         wrong = [name for name, t in self.shadow.items() if state_dict["shadow"][name].shape != t.shape]
         if wrong:
             raise ValueError(f"EMA state does not match the model: other shapes for {wrong[:5]}.")
-        for key in ("decay", "min_decay", "update_after_step", "use_warmup", "inv_gamma", "power", "optimization_step"):
+        for key in (*self.SETTINGS, "optimization_step"):
             setattr(self, key, state_dict[key])
         with torch.no_grad():
             for name, t in self.shadow.items():

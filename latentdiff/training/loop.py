@@ -113,7 +113,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     unet = trained[0]
     if config.train_text_encoder:
         text_encoder = trained[1]
-    params = [p for model in trained for p in model.parameters() if p.requires_grad]  # FSDP's own, to clip
+    params_to_clip = [p for model in trained for p in model.parameters() if p.requires_grad]  # FSDP's own
 
     # 5. Resume: weights, optimizer, LR schedule, EMA from the checkpoint; the data position from its step
     global_step = 0
@@ -179,7 +179,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 step_loss += mean_loss / accum
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)  # same on every process
+                    grad_norm = accelerator.clip_grad_norm_(params_to_clip, config.max_grad_norm)  # same on every process
                     # A finite loss can still overflow the gradients, which would make every weight NaN (and the
                     # next checkpoint with them). fp16's grad scaler skips such steps itself.
                     if grad_norm is not None and accelerator.scaler is None and not torch.isfinite(grad_norm):
