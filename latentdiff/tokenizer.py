@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from .atomic import atomic_entries
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # the merges OpenAI's CLIP keeps: vocab 49,408 = 2·256 bytes + merges + 2 specials
 BOS_TOKEN = "<|startoftext|>"
@@ -83,6 +85,7 @@ def build_clip_tokenizer(out_dir: str | Path | None = None, model_max_length: in
     Args:
         out_dir (`str` or `Path`, *optional*):
             When given, the tokenizer is also written there with `save_pretrained`, as a pipeline's `tokenizer/`.
+            Its files replace those of an earlier tokenizer there only once all are written; other files stay.
         model_max_length (`int`, *optional*, defaults to 77):
             Length prompts are padded and truncated to (CLIP's text encoder has 77 positions).
 
@@ -104,6 +107,7 @@ def build_clip_tokenizer(out_dir: str | Path | None = None, model_max_length: in
     if len(tokenizer) != NUM_MERGES + 2 * 256 + 2:
         raise ValueError(f"{bpe_path} gave {len(tokenizer)} tokens instead of 49408: the file is not CLIP's BPE.")
     if out_dir is not None:
-        tokenizer.save_pretrained(out_dir)
-        save_vocab_files(tokenizer, out_dir)
+        with atomic_entries(out_dir, marker="tokenizer_config.json") as staging:
+            tokenizer.save_pretrained(staging)
+            save_vocab_files(tokenizer, staging)
     return tokenizer

@@ -61,6 +61,25 @@ def test_saved_folder_loads_with_tokenizer_json_or_vocab_files_alone(tmp_path):
         assert loaded.model_max_length == 64 and loaded.pad_token == "<|endoftext|>"
 
 
+def test_rebuilding_into_a_folder_replaces_the_tokenizer_whole_or_not_at_all(tmp_path, monkeypatch):
+    folder = tmp_path / "tokenizer"
+    build_clip_tokenizer(folder, model_max_length=64)
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(tokenizer, staging):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokenizer_module, "save_vocab_files", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        build_clip_tokenizer(folder, model_max_length=77)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no 77-token config beside 64-token files
+    monkeypatch.undo()
+    build_clip_tokenizer(folder, model_max_length=77)
+    assert CLIPTokenizer.from_pretrained(folder).model_max_length == 77
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def test_missing_open_clip_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
