@@ -1,6 +1,8 @@
 """Our UNet2DConditionModel against diffusers': same keys, same numbers, same files, both directions."""
 
 import json
+import sys
+import types
 
 import diffusers
 import pytest
@@ -299,6 +301,48 @@ def test_xformers_missing_gives_an_actionable_error(monkeypatch):
     model = UNet2DConditionModel(**UNET_CONFIGS["sd1"])
     with pytest.raises(ModuleNotFoundError, match=r"pip install latentdiff\[xformers\]"):
         model.enable_xformers_memory_efficient_attention()
+
+
+def _fake_xformers(calls: list) -> types.ModuleType:
+    """xformers as its docs define `ops.memory_efficient_attention`: (B, M, heads, d) tensors in and out, an additive
+    bias of shape (B, heads, M, N), scale 1/√d. The CPU has no xformers build; this checks our layout glue."""
+
+    def memory_efficient_attention(query, key, value, attn_bias=None, op=None):
+        calls.append((query.shape, None if attn_bias is None else attn_bias.shape, op))
+        scores = torch.einsum("bmhd,bnhd->bhmn", query, key) / query.shape[-1] ** 0.5
+        if attn_bias is not None:
+            scores = scores + attn_bias
+        return torch.einsum("bhmn,bnhd->bmhd", scores.softmax(-1), value)
+
+    package = types.ModuleType("xformers")
+    package.ops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    return package
+
+
+def test_xformers_backend_gives_the_sdpa_output(monkeypatch):
+    calls = []
+    package = _fake_xformers(calls)
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", package.ops)
+    monkeypatch.setattr(attention_module, "xformers_available", lambda: True)
+    for name in ("sd1", "sd2"):  # conv and linear projections, one head dim and per-block heads, upcast
+        config = UNET_CONFIGS[name]
+        _, ours = paired_models(config)
+        inputs = unet_inputs(config)
+        inputs["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+        with torch.no_grad():
+            expected = ours(**inputs).sample
+            ours.enable_xformers_memory_efficient_attention(attention_op="op")
+            calls.clear()
+            actual = ours(**inputs).sample
+        n_attention = sum(isinstance(m, attention_module.Attention) for m in ours.modules())
+        assert len(calls) == n_attention and all(op == "op" for *_, op in calls)
+        assert sum(bias is not None for _, bias, _ in calls) == n_attention // 2  # the text masked, cross only
+        assert (actual - expected).abs().max().item() <= 1e-5
+        ours.disable_xformers_memory_efficient_attention()
+        calls.clear()
+        with torch.no_grad():
+            assert torch.equal(ours(**inputs).sample, expected) and not calls
 
 
 def test_forward_compiles_without_graph_breaks():
