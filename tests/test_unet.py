@@ -305,10 +305,15 @@ def test_xformers_missing_gives_an_actionable_error(monkeypatch):
 
 def _fake_xformers(calls: list) -> types.ModuleType:
     """xformers as its docs define `ops.memory_efficient_attention`: (B, M, heads, d) tensors in and out, an additive
-    bias of shape (B, heads, M, N), scale 1/√d. The CPU has no xformers build; this checks our layout glue."""
+    bias of shape (B, heads, M, N), scale 1/√d; its CUTLASS kernel refuses a bias whose strides (but the last, 1) are
+    not multiples of 16 bytes. The CPU has no xformers build; this checks our layout glue."""
 
     def memory_efficient_attention(query, key, value, attn_bias=None, op=None):
         calls.append((query.shape, None if attn_bias is None else attn_bias.shape, op))
+        if attn_bias is not None:
+            alignment = 128 // torch.finfo(attn_bias.dtype).bits
+            assert attn_bias.shape == (*query.shape[:1], query.shape[2], query.shape[1], key.shape[1])
+            assert attn_bias.stride(-1) == 1 and all(stride % alignment == 0 for stride in attn_bias.stride()[:-1])
         scores = torch.einsum("bmhd,bnhd->bhmn", query, key) / query.shape[-1] ** 0.5
         if attn_bias is not None:
             scores = scores + attn_bias

@@ -55,7 +55,7 @@ def attention(
         # xFormers wants (B, N, heads, d) and a bias already expanded over heads and queries.
         q, k, v = (x.reshape(batch, x.shape[1], heads, head_dim) for x in (query, key, value))
         if bias is not None:
-            bias = bias.to(q.dtype).expand(batch, heads, n_query, key.shape[1])
+            bias = _aligned_bias(bias.expand(batch, heads, n_query, key.shape[1]), q.dtype)
         out = xformers.ops.memory_efficient_attention(q, k, v, attn_bias=bias, op=xformers_op)
         return out.reshape(batch, n_query, inner).to(out_dtype)
     q, k, v = (x.reshape(batch, x.shape[1], heads, head_dim).transpose(1, 2) for x in (query, key, value))  # (B, heads, ·, d)
@@ -66,6 +66,18 @@ def attention(
     else:
         out = _sliced_attention(q, k, v, bias, slice_size)
     return out.transpose(1, 2).reshape(batch, n_query, inner).to(out_dtype)
+
+
+def _aligned_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``bias`` in ``dtype`` whose rows start on 16-byte boundaries, as xFormers' kernels read them.
+
+    Its CUTLASS kernel refuses a bias with any stride but the last not a multiple of 16 bytes: the text's 77 keys
+    would be. The copy is a slice of a buffer padded to the next multiple, as xFormers itself advises.
+    """
+    alignment = 128 // torch.finfo(dtype).bits  # elements in 16 bytes
+    n_key = bias.shape[-1]
+    padded = torch.empty(*bias.shape[:-1], -(-n_key // alignment) * alignment, dtype=dtype, device=bias.device)
+    return padded[..., :n_key].copy_(bias)
 
 
 def _sliced_attention(
