@@ -99,6 +99,7 @@ def test_run_writes_pipeline_card_validation_logs_and_rotates(trained):
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
     card = (output_dir / "README.md").read_text()
     assert "library_name: diffusers" in card and "validation/step_16/0.png" in card and "- learning_rate: 0.001" in card
+    assert "- ema_decay: 0.9\n" in card and "lora_" not in card
     assert recorder.logs[1]["lr"] == pytest.approx(1e-3)
     # the saved UNet is the EMA, which is not the raw weights
     final = weights(output_dir / UNET_WEIGHTS)
@@ -220,7 +221,9 @@ def test_options_text_encoder_v_prediction_cosine_bf16(tiny_pipeline_path, capti
     )  # fmt: skip
     output_dir = train(config)
     drawn = json.loads((output_dir / "training_config.json").read_text())["seed"]
-    assert isinstance(drawn, int) and f"- seed: {drawn}\n" in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert isinstance(drawn, int) and f"- seed: {drawn}\n" in card
+    assert "ema_decay" not in card and "lora_" not in card  # no EMA, no LoRA: their defaults did nothing
     scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["beta_schedule"] == "squaredcos_cap_v2"
     base, tuned = (

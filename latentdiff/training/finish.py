@@ -19,7 +19,7 @@ from ..hub import model_card, push_to_hub, write_model_card
 from ..models import UNet2DConditionModel
 from ..pipelines import LatentDiffusionPipeline
 from .checkpoint import full_disk_advice
-from .config import TrainConfig
+from .config import EMA_FIELDS, LORA_FIELDS, TrainConfig
 from .lora import save_lora
 from .models import TrainingModels
 from .validation import inference_scheduler, validate
@@ -69,7 +69,10 @@ def save_trained(
         if config.validation_prompts:
             paths = validate(final.to(accelerator.device), None, config, run.seed, run.global_step, accelerator)
             images = [(str(p.relative_to(output_dir)), prompt) for p, prompt in zip(paths, config.validation_prompts)]
-        hyperparameters = options | {"max_train_steps": run.max_train_steps, "num_train_epochs": run.num_epochs}
+        unused = (() if config.use_ema else EMA_FIELDS) + (() if lora else LORA_FIELDS)  # defaults that did nothing
+        hyperparameters = {k: v for k, v in options.items() if k not in unused} | {
+            "max_train_steps": run.max_train_steps, "num_train_epochs": run.num_epochs
+        }  # fmt: skip
         card = model_card(
             run.repo_id or config.hub_model_id or output_dir.resolve().name, config.pretrained_model_name_or_path,
             config.dataset_name or config.train_data_dir, hyperparameters, images, run.global_step, lora=lora,
