@@ -118,9 +118,19 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: float = 1.0) -> None:
-    """Load LoRA adapters (folder, Hub id, or `.safetensors` file) into `pipe` at strength `scale`."""
-    path, hub_id = Path(lora), None
+@dataclass(frozen=True)
+class LoraSource:
+    """Where `--lora` points, resolved before the base model loads (a typo should not cost a model load)."""
+
+    given: str  # as the user wrote it, for messages
+    location: str  # what `load_lora_weights` takes: a folder or a Hub id
+    options: dict[str, str]  # `weight_name` for a file
+    hub_id: str | None  # set when nothing local matched: downloaded while loading
+
+
+def lora_source(lora: str | os.PathLike) -> LoraSource:
+    """Check a `--lora` folder, `.safetensors` file or Hub id."""
+    path = Path(lora)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(
@@ -128,18 +138,22 @@ def load_lora(pipe: LatentDiffusionPipeline, lora: str | os.PathLike, scale: flo
                 "run code when loaded). Convert it, or load it in Python with pipe.load_lora_weights(..., "
                 "allow_pickle=True)."
             )
-        location, options = str(path.parent), {"weight_name": path.name}
-    elif path.is_dir():
+        return LoraSource(str(lora), str(path.parent), {"weight_name": path.name}, None)
+    if path.is_dir():
         if not (path / LORA_WEIGHT_NAME).is_file():
             raise FileNotFoundError(
                 f"--lora {path} holds no {LORA_WEIGHT_NAME}: give the output folder of a LoRA run (--lora_rank) "
                 "or the .safetensors file itself."
             )
-        location, options = str(path), {}
-    elif (hub_id := as_hub_id(str(lora))) is None:
+        return LoraSource(str(lora), str(path), {}, None)
+    if (hub_id := as_hub_id(str(lora))) is None:
         raise FileNotFoundError(f"--lora {lora} does not exist: give a LoRA folder, file or Hub id.")
-    else:
-        location, options = hub_id, {}
+    return LoraSource(str(lora), hub_id, {}, hub_id)
+
+
+def load_lora(pipe: LatentDiffusionPipeline, source: LoraSource, scale: float = 1.0) -> None:
+    """Load the LoRA adapters `source` names into `pipe` at strength `scale`."""
+    lora, hub_id, location, options = source.given, source.hub_id, source.location, source.options
     try:
         with reaching_the_hub(f"download the LoRA {hub_id}") if hub_id else contextlib.nullcontext():
             pipe.load_lora_weights(location, adapter_name="lora", **options)
@@ -217,9 +231,10 @@ def generate_images(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     # float32 unless asked: left to the libraries, a folder stored in fp16 loads as a mix (transformers keeps the
     # text encoder's fp16, diffusers makes the UNet fp32)
+    source = None if lora is None else lora_source(lora)
     pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=_resolve_dtype(torch_dtype) or torch.float32)
-    if lora is not None:
-        load_lora(pipe, lora, lora_scale)
+    if source is not None:
+        load_lora(pipe, source, lora_scale)
     pipe = pipe.to(device)
     set_scheduler(pipe, scheduler)
     output_dir = Path(output_dir)

@@ -251,6 +251,9 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     assert f"error: --lora {tmp_path} holds no {LORA_FILE}" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", "./missing"]) == 2
     assert "error: --lora ./missing does not exist" in capsys.readouterr().err
+    # checked before the base model loads: a typo costs no model load (here the model is missing too)
+    assert main(["generate", "--model", str(tmp_path / "no-model"), "--prompt", "x", "--lora", "./missing"]) == 2
+    assert "error: --lora ./missing does not exist" in capsys.readouterr().err
     torch.save(load_file(output_dir / LORA_FILE), tmp_path / "adapters.bin")
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora",
                  str(tmp_path / "adapters.bin")]) == 2  # fmt: skip
