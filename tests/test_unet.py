@@ -93,8 +93,33 @@ def test_encoder_attention_mask_matches_diffusers():
     with torch.no_grad():
         masked = ours(**inputs).sample
         assert torch.allclose(masked, reference(**inputs).sample, atol=1e-5)
+        # (B, 1, L), as diffusers also takes it
+        mask = inputs["encoder_attention_mask"]
+        assert torch.equal(ours(**{**inputs, "encoder_attention_mask": mask[:, None]}).sample, masked)
+        with pytest.raises(ValueError, match=r"must have shape \(B, L\) or \(B, 1, L\), got \(2, 7, 7\)"):
+            ours(**{**inputs, "encoder_attention_mask": torch.ones(2, 7, 7)})
         del inputs["encoder_attention_mask"]
         assert not torch.allclose(masked, ours(**inputs).sample, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_even_conv_kernels_pad_as_diffusers(kernel):
+    """diffusers pads conv_in/conv_out by (k - 1) // 2: an even kernel changes the output size, the same in both."""
+    config = dict(UNET_CONFIGS["sd1"], conv_out_kernel=kernel)
+    reference, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        expected = reference(**inputs).sample
+        actual = ours(**inputs).sample
+    assert actual.shape == expected.shape and (actual - expected).abs().max().item() <= 1e-5
+
+
+def test_a_positional_lora_scale_is_refused_with_how_to_pass_it():
+    config = UNET_CONFIGS["sd1"]
+    _, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    with pytest.raises(ValueError, match=r"Pass cross_attention_kwargs=\{'scale': \.\.\.\} by keyword"):
+        ours(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], None, None, None, {"scale": 0.5})
 
 
 def test_scalar_timesteps_and_tuple_return():
@@ -196,6 +221,7 @@ def test_diffusers_default_values_of_unsupported_keys_are_accepted(tmp_path):
         ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
         ("resnet_time_scale_shift", "spatial"),
         ("time_cond_proj_dim", 32),
+        ("norm_num_groups", None),
     ],
 )
 def test_unsupported_constructor_value_names_the_key(key, value):

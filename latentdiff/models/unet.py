@@ -137,7 +137,8 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
             if channels % n_heads or channels % norm_num_groups:
                 raise ValueError(
                     f"block_out_channels entry {channels} must be divisible by its number of heads ({n_heads}) "
-                    f"and by norm_num_groups ({norm_num_groups})."
+                    f"and by norm_num_groups ({norm_num_groups}). Use diffusers' UNet2DConditionModel for other "
+                    "widths."
                 )
 
         def attention_spec(i: int) -> AttentionSpec:
@@ -146,7 +147,7 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
             )
 
         # 1. input projection, time (and class) embedding
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=conv_in_kernel // 2)
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
         time_embed_dim = block_out_channels[0] * 4
         self.time_proj = SinusoidalTimesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn)
@@ -200,7 +201,9 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
         # 5. output
         self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_act = get_activation(act_fn)
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=conv_out_kernel // 2)
+        self.conv_out = nn.Conv2d(
+            block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2
+        )
 
     @staticmethod
     def _build_class_embedding(
@@ -320,8 +323,8 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
             timestep (`torch.Tensor` or `float` or `int`): One timestep, or one per sample.
             encoder_hidden_states (`torch.Tensor`): Text embeddings `(B, L, cross_attention_dim)`.
             class_labels (`torch.Tensor`, *optional*): Needed when the config has a class embedding.
-            attention_mask / encoder_attention_mask (`torch.Tensor`, *optional*): `(B, L)` with 1 = keep,
-                0 = discard, for self- and cross-attention keys.
+            attention_mask / encoder_attention_mask (`torch.Tensor`, *optional*): `(B, L)` or `(B, 1, L)` with
+                1 = keep, 0 = discard, for self- and cross-attention keys.
             down_block_additional_residuals / mid_block_additional_residual (*optional*): ControlNet residuals,
                 one per skip and one for the middle block: both or neither.
             down_intrablock_additional_residuals (*optional*): T2I-Adapter features, one per down block (as
@@ -331,6 +334,11 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
                 (we have no LCM or SDXL conditioning).
             return_dict (`bool`, defaults to `True`): `UNet2DConditionOutput` or a 1-tuple.
         """
+        if cross_attention_kwargs is not None and set(cross_attention_kwargs) == {"scale"}:
+            raise ValueError(
+                "Pass cross_attention_kwargs={'scale': ...} by keyword: the LoRA scale is applied only then (a "
+                "positional one would go unapplied, as in diffusers' UNet, which ignores it silently)."
+            )
         if timestep_cond is not None or added_cond_kwargs or cross_attention_kwargs:
             raise ValueError(
                 "timestep_cond, added_cond_kwargs and cross_attention_kwargs other than the LoRA 'scale' are not "
@@ -351,11 +359,8 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
         # Latent sizes that are not a multiple of 2^(number of upsamplers) need explicit upsample sizes.
         up_factor = 2**self.num_upsamplers
         odd_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
-        # Masks (B, L) of 1 = keep become additive biases (B, 1, 1, L), broadcast over heads and queries.
-        self_bias = None if attention_mask is None else ((1 - attention_mask.to(sample.dtype)) * -10000.0)[:, None, None]
-        cross_bias = None
-        if encoder_attention_mask is not None:
-            cross_bias = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0)[:, None, None]
+        self_bias, cross_bias = (_key_bias(mask, name, sample.dtype) for mask, name in (
+            (attention_mask, "attention_mask"), (encoder_attention_mask, "encoder_attention_mask")))  # fmt: skip
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
@@ -390,3 +395,15 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
         if not return_dict:
             return (sample,)
         return UNet2DConditionOutput(sample=sample)
+
+
+def _key_bias(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """A `(B, L)` or `(B, 1, L)` mask of 1 = keep as an additive bias `(B, 1, 1, L)`, broadcast over heads and
+    queries (diffusers' -10000 for a discarded key)."""
+    if mask is None:
+        return None
+    if mask.ndim == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must have shape (B, L) or (B, 1, L), got {tuple(mask.shape)}.")
+    return ((1 - mask.to(dtype)) * -10000.0)[:, None, None]

@@ -70,6 +70,9 @@ def check_config(options: dict[str, Any], n_blocks: int) -> None:
         for value in values:
             if value not in allowed:
                 raise _unsupported(key, value, allowed)
+    groups = options["norm_num_groups"]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise _unsupported("norm_num_groups", groups, "a positive int that divides every block_out_channels entry")
     for key in ("down_block_types", "up_block_types"):
         if len(options[key]) != n_blocks:
             raise ValueError(
