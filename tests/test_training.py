@@ -596,6 +596,31 @@ def test_loss_parts_match_diffusers(prediction_type):
     assert losses[0] == losses[1] and torch.isfinite(losses[0])
 
 
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_diffusion_loss_is_its_formula_on_the_same_draws(snr_gamma):
+    """Rebuild ε (with offset noise), ξ and t from the generator in the loss's order: the UNet must see
+    add_noise(x₀, ε + γξ, t) and the loss must be the (min-SNR-weighted) MSE against ε itself, not ε + γξ."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear")
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    unet = lambda x, t, c, return_dict: (seen.append(x) or torch.zeros_like(x),)  # noqa: E731
+    loss = diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(5), snr_gamma,
+                          noise_offset=0.1, input_perturbation=0.2)  # fmt: skip
+
+    draws = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=draws)
+    noise = noise + 0.1 * torch.randn((3, 4, 1, 1), generator=draws)  # offset noise, per image and channel
+    xi = torch.randn(latents.shape, generator=draws)
+    timesteps = torch.randint(0, 1000, (3,), generator=draws)
+    torch.testing.assert_close(seen[0], scheduler.add_noise(latents, noise + 0.2 * xi, timesteps))
+    per_example = (noise**2).mean(dim=(1, 2, 3))  # the prediction is 0: the error is the target ε
+    weights = torch.ones(3) if snr_gamma is None else min_snr_weights(scheduler, timesteps, snr_gamma)
+    assert not torch.allclose(weights, torch.ones(3)) or snr_gamma is None
+    torch.testing.assert_close(loss, (per_example * weights).mean())
+
+
 def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path, monkeypatch):
     """`--compile` through AOTAutograd (forward and backward graphs traced, run without codegen): the same losses
     and weights as eager. Inductor's kernels are for the GPU run (benchmarks/gpu.py)."""
