@@ -621,6 +621,24 @@ def test_diffusion_loss_is_its_formula_on_the_same_draws(snr_gamma):
     torch.testing.assert_close(loss, (per_example * weights).mean())
 
 
+def test_an_epoch_ending_mid_accumulation_is_a_step_and_the_logged_loss_is_the_mean(
+    tiny_pipeline_path, tmp_path, monkeypatch
+):
+    """10 rows at batch 2 are 5 batches: with 2 to accumulate, an epoch is 3 optimizer steps (Accelerate steps at
+    the loader's end), so 2 epochs are 6; each step logs the mean of its micro-batches' losses, not their sum."""
+    import latentdiff.training.loop as loop
+
+    constant = lambda unet, *args, **kwargs: sum(p.sum() for p in unet.parameters()) * 0 + 0.25  # noqa: E731
+    monkeypatch.setattr(loop, "diffusion_loss", constant)
+    recorder = Recorder()
+    data = write_caption_folder(tmp_path / "ten", n=10)
+    config = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=None, num_train_epochs=2,
+                         gradient_accumulation_steps=2)  # fmt: skip
+    train(config, [recorder])
+    assert sorted(recorder.logs) == [1, 2, 3, 4, 5, 6]
+    assert recorder.losses() == pytest.approx([0.25] * 6)
+
+
 def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path, monkeypatch):
     """`--compile` through AOTAutograd (forward and backward graphs traced, run without codegen): the same losses
     and weights as eager. Inductor's kernels are for the GPU run (benchmarks/gpu.py)."""

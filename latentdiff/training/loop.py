@@ -150,7 +150,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     progress = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    step_loss = 0.0
+    micro_losses: list[float] = []  # of the optimizer step being accumulated (fewer at an epoch's end)
     last_epoch = num_epochs if global_step < max_train_steps else first_epoch  # resumed at the end: nothing to train
     for epoch in range(first_epoch, last_epoch):
         train_dataloader.set_epoch(epoch)  # this epoch's shuffled order
@@ -176,7 +176,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()  # over processes
                 if not math.isfinite(mean_loss):
                     raise _non_finite("loss", mean_loss, global_step + 1, epoch, batch_index, output_dir)
-                step_loss += mean_loss / accum
+                micro_losses.append(mean_loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params_to_clip, config.max_grad_norm)  # same on every process
@@ -196,10 +196,11 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 ema.step(accelerator.unwrap_model(unet))
             global_step += 1
             lr = lr_scheduler.get_last_lr()[0]
+            step_loss = sum(micro_losses) / len(micro_losses)
             accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            step_loss = 0.0
+            micro_losses = []
             if global_step % config.checkpointing_steps == 0:
                 state = {"global_step": global_step, "seed": seed, **_what_resuming_keeps(config, accelerator)}
                 save_checkpoint(accelerator, output_dir, state, config.checkpoints_total_limit, keep=resume_from)
