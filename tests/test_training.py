@@ -460,11 +460,12 @@ def test_options_that_would_be_ignored_or_crash_are_refused(tmp_path, options, m
         TrainConfig(pretrained_model_name_or_path="x", train_data_dir=str(tmp_path), output_dir=str(tmp_path), **options)
 
 
-@pytest.mark.parametrize("use_warmup, foreach, offload, chunk_bytes", [
-    (False, True, False, 2**20), (True, True, False, 2**20), (False, False, False, 2**20), (False, True, True, 2**20),
-    (False, True, True, 100), (False, True, False, 100),  # 100 bytes: the 4 tensors in 3 chunks
+@pytest.mark.parametrize("use_warmup, foreach, offload, chunk_bytes, min_decay", [
+    (False, True, False, 2**20, 0.0), (True, True, False, 2**20, 0.0), (False, False, False, 2**20, 0.0),
+    (False, True, True, 2**20, 0.0), (False, True, True, 100, 0.0), (False, True, False, 100, 0.0),  # 100 bytes: the
+    (False, True, False, 2**20, 0.5),  # 4 tensors in 3 chunks; a floor above the first steps' (1 + s) / (10 + s)
 ])  # fmt: skip
-def test_ema_matches_diffusers(monkeypatch, use_warmup, foreach, offload, chunk_bytes):
+def test_ema_matches_diffusers(monkeypatch, use_warmup, foreach, offload, chunk_bytes, min_decay):
     """On a CPU `_foreach_lerp_` loops over `lerp_` itself, so foreach against per-tensor checks the code path (the
     chunks, the copy back of an offloaded average: a copy here too), not CUDA's multi-tensor kernel."""
     from diffusers.training_utils import EMAModel as DiffusersEMA
@@ -474,9 +475,11 @@ def test_ema_matches_diffusers(monkeypatch, use_warmup, foreach, offload, chunk_
     monkeypatch.setattr(ema, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    ours = EMAModel(model, decay=0.99, use_warmup=use_warmup, update_after_step=2, foreach=foreach, offload=offload)
-    other_path = EMAModel(model, decay=0.99, use_warmup=use_warmup, update_after_step=2, foreach=not foreach)
-    reference = DiffusersEMA(model.parameters(), decay=0.99, use_ema_warmup=use_warmup, update_after_step=2)
+    options = dict(decay=0.99, min_decay=min_decay, use_warmup=use_warmup, update_after_step=2)
+    ours = EMAModel(model, **options, foreach=foreach, offload=offload)
+    other_path = EMAModel(model, **options, foreach=not foreach)
+    reference = DiffusersEMA(model.parameters(), decay=0.99, min_decay=min_decay, use_ema_warmup=use_warmup,
+                             update_after_step=2)  # fmt: skip
     for _ in range(30):
         with torch.no_grad():
             for p in model.parameters():
