@@ -220,6 +220,14 @@ def test_examples_are_a_function_of_seed_epoch_and_row(image_folder, tmp_path, c
     epoch0 = [a[i]["pixel_values"] for i in range(len(a))]
     a.set_epoch(1)
     assert any(not torch.equal(x, a[i]["pixel_values"]) for i, x in enumerate(epoch0))
+    # the dataset applies its caption dropout: at 0.5 some captions are empty and some not, at 1.0 all
+    captions = []
+    for epoch in range(4):
+        a.set_epoch(epoch)
+        captions += [a[i]["caption"] for i in range(len(a))]
+    assert "" in captions and any(captions)
+    dropped = ImageCaptionDataset(rows, ImageTransform(16), 0, caption_dropout=1.0)
+    assert all(dropped[i]["caption"] == "" for i in range(len(dropped)))
 
     batch = collate_examples([a[0], a[1]], clip_tokenizer)
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["input_ids"].shape == (2, 77)
