@@ -76,6 +76,11 @@ def test_max_train_samples_is_a_seeded_subset(image_folder, tmp_path):
     kwargs = dict(train_data_dir=str(image_folder), cache_dir=str(tmp_path), max_train_samples=3)
     first, again = (load_image_caption_dataset(**kwargs, seed=1)["text"] for _ in range(2))
     assert len(first) == 3 and first == again
+    # a random subset, as diffusers' .shuffle(seed).select: not the file's first rows (a sorted data set would give
+    # one class), and another seed draws another
+    in_file_order = load_image_caption_dataset(train_data_dir=str(image_folder), cache_dir=str(tmp_path))["text"]
+    subsets = {tuple(load_image_caption_dataset(**kwargs, seed=seed)["text"]) for seed in range(4)}
+    assert len(subsets) > 1 and subsets != {tuple(in_file_order[:3])}
 
 
 def test_missing_column_names_the_existing_ones(image_folder, tmp_path):
