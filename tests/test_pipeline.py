@@ -547,3 +547,19 @@ def test_generate_cli_help_names_every_scheduler_and_lora_scale_needs_lora(capsy
     assert scheduler_help.split(" (default")[0].replace(" or ", ", ").split(", ") == list(SCHEDULERS)
     assert main(["generate", "--model", "m", "--prompt", "x", "--lora-scale", "0.5"]) == 2
     assert "error: --lora-scale sets the strength of --lora" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.3, 0.7, 1.0])
+def test_guidance_rescale_is_diffusers_rescale_noise_cfg(rescale):
+    """Pure tensors against diffusers' function over the range (at 0.5 a swapped mix would give the same result)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from latentdiff.guidance import classifier_free_guidance, rescale_guidance
+
+    generator = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 2, 4, 8, 8, generator=generator)
+    guided = classifier_free_guidance(uncond, cond, 7.0)
+    ours = rescale_guidance(guided, cond, rescale)
+    torch.testing.assert_close(ours, rescale_noise_cfg(guided, cond, rescale))
+    if rescale == 1.0:  # the guided prediction's per-sample std pulled back to the conditional one's
+        torch.testing.assert_close(ours.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
