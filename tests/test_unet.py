@@ -102,6 +102,34 @@ def test_encoder_attention_mask_matches_diffusers():
         assert not torch.allclose(masked, ours(**inputs).sample, atol=1e-3)
 
 
+@pytest.mark.parametrize("option", [dict(mid_block_scale_factor=2.0), dict(center_input_sample=True)],
+                         ids=["mid_block_scale_factor", "center_input_sample"])  # fmt: skip
+def test_options_off_the_sd_defaults_match_diffusers(option):
+    """Config keys SD checkpoints leave at their defaults, which other converted UNets set."""
+    config = {**UNET_CONFIGS["sd1"], **option}
+    reference, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        actual = ours(**inputs).sample
+        assert (actual - reference(**inputs).sample).abs().max().item() <= 1e-5
+        _, plain = paired_models(UNET_CONFIGS["sd1"])
+        assert (actual - plain(**inputs).sample).abs().max().item() > 1e-3  # the option changed the output
+
+
+def test_self_attention_mask_matches_diffusers():
+    """`attention_mask` masks the keys of each block's first attention: only meaningful (in diffusers too) where
+    that one attends to the text, i.e. cross-attention only and no mid block."""
+    config = dict(UNET_CONFIGS["sd1"], only_cross_attention=True, mid_block_type=None)
+    reference, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    inputs["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        masked = ours(**inputs).sample
+        assert (masked - reference(**inputs).sample).abs().max().item() <= 1e-5
+        del inputs["attention_mask"]
+        assert (masked - ours(**inputs).sample).abs().max().item() > 1e-3
+
+
 @pytest.mark.parametrize("kernel", [2, 4])
 def test_even_conv_kernels_pad_as_diffusers(kernel):
     """diffusers pads conv_in/conv_out by (k - 1) // 2: an even kernel changes the output size, the same in both."""

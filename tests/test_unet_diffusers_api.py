@@ -54,11 +54,14 @@ def test_processors_we_cannot_run_are_refused_by_name():
         ours.set_attn_processor(mixed)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "text_mask"])
 @pytest.mark.parametrize("slice_size", ["auto", "max", 3])
-def test_attention_slicing_gives_the_same_output_in_slices(slice_size, monkeypatch):
+def test_attention_slicing_gives_the_same_output_in_slices(slice_size, masked, monkeypatch):
     config = UNET_CONFIGS["sd2"]  # heads 2, 4, 8: "auto" slices differ per block
     _, ours = paired_models(config)
     inputs = unet_inputs(config)
+    if masked:  # a different mask per sample: each slice must take its own rows of the bias
+        inputs["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
         expected = ours(**inputs).sample
         ours.set_attention_slice(slice_size)
