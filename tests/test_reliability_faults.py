@@ -27,7 +27,7 @@ from test_data import write_caption_folder
 
 import latentdiff.training.checkpoint as checkpoint_module
 import latentdiff.training.loop as loop_module
-from latentdiff.atomic import atomic_entries, disk_full_explained, remove_leftovers
+from latentdiff.atomic import atomic_entries, atomic_file, atomic_write_text, disk_full_explained, remove_leftovers
 from latentdiff.training import TrainConfig, train
 from latentdiff.training.checkpoint import STATE_FILE, list_checkpoints, resolve_checkpoint
 
@@ -187,6 +187,18 @@ def test_killed_while_the_final_pipeline_is_swapped_in_leaves_no_mix(reference, 
     assert not list(output_dir.glob(".old-*")) and not list(output_dir.glob(".tmp-*"))
     assert not (output_dir / f"checkpoint-{STEPS + 1}").exists()  # resuming a finished run trains no further step
     assert_ends_like(output_dir, reference_dir)
+
+
+def test_atomic_file_replaces_whole_or_not_at_all_and_writes_an_ordinary_file(tmp_path):
+    path = tmp_path / "README.md"
+    atomic_write_text(path, "old card")
+    with pytest.raises(RuntimeError), atomic_file(path) as handle:
+        handle.write(b"half a ca")
+        raise RuntimeError("the write failed")
+    assert path.read_text() == "old card" and [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no .tmp- left
+    atomic_write_text(path, "new card")
+    assert path.read_text() == "new card" and [p.name for p in tmp_path.iterdir()] == ["README.md"]
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others, not mkstemp's private 0600
 
 
 def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_nothing(tmp_path):
