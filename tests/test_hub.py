@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_data import write_caption_folder
 
-from latentdiff.hub import model_card, write_model_card
+from latentdiff.hub import card_for_repo, model_card, write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_testTOKENthatMustNotLeak0123456789"
@@ -78,7 +78,8 @@ def fake_hub():
 def test_model_card_metadata_and_body():
     card = model_card(
         "me/emoji-sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", "org/emoji-captions",
-        {"learning_rate": 1e-4, "resolution": 512, "hub_token": TOKEN, "seed": None},
+        {"learning_rate": 1e-4, "resolution": 512, "hub_token": TOKEN, "seed": None, "lr_warmup_steps": 0,
+         "use_ema": False, "noise_offset": 0.0},
         images=[("validation/step_10/0.png", "a red apple")], global_step=10,
     )  # fmt: skip
     metadata = yaml.safe_load(card.split("---")[1])
@@ -88,6 +89,7 @@ def test_model_card_metadata_and_body():
     assert "| a red apple | ![](validation/step_10/0.png) |" in card
     assert "- learning_rate: 0.0001" in card and "- resolution: 512" in card and "seed" not in card
     assert TOKEN not in card  # only the listed hyperparameters are shown
+    assert "- lr_warmup_steps: 0\n" in card and "- use_ema: False\n" in card and "- noise_offset: 0.0\n" in card
     local = model_card("out", "/models/base", "/data/images", {})
     assert "base_model" not in local.split("---")[1] and "datasets" not in local.split("---")[1]
     quoted = model_card("out", "/models/base", None, {}, images=[("v/0.png", 'a "quoted" cat')])
@@ -184,3 +186,9 @@ def test_push_without_a_reachable_hub_is_one_line(tiny_pipeline_path, monkeypatc
     assert "hf_not_a_real_token" not in error
     assert main(["push", str(tiny_pipeline_path / "nothing-here"), "--repo-id", "me/tiny"]) == 2
     assert "nothing-here is not a folder: push the output folder of a training run" in capsys.readouterr().err
+
+
+def test_a_lora_card_pushed_to_a_repo_loads_the_adapters_from_it():
+    card = card_for_repo(model_card("model", "org/base", None, {}, lora=True), "me/repo")
+    assert 'pipeline.load_lora_weights("me/repo")' in card and 'load_lora_weights("model")' not in card
+    assert 'from_pretrained("org/base"' in card and card.count("# me/repo") == 1  # the base stays the base
