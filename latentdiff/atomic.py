@@ -157,6 +157,16 @@ def _filled_the_disk(error: Exception, folder: str | os.PathLike) -> bool:
         return False
 
 
+def remove_folder(path: str | os.PathLike) -> None:
+    """Delete a folder so that it is whole or gone, never half-deleted under its own name: it is renamed aside
+    (``.old-*``) first, which `remove_leftovers` finishes deleting if this is stopped."""
+    path = Path(path)
+    aside = path.with_name(f".old-{path.name}-{os.getpid()}")
+    _remove(aside)
+    os.replace(path, aside)
+    _remove(aside)
+
+
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     """Delete the ``.tmp-*`` and ``.old-*`` entries that interrupted atomic writes left in ``folder``; returns them.
 

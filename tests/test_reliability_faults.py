@@ -201,6 +201,32 @@ def test_atomic_file_replaces_whole_or_not_at_all_and_writes_an_ordinary_file(tm
     assert path.stat().st_mode & 0o777 == 0o644  # readable by others, not mkstemp's private 0600
 
 
+def test_a_rotation_stopped_part_way_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A kill while rotation deletes checkpoint-2 must not leave a `checkpoint-2` holding some of its files (it stayed
+    so for good, and resuming from it by name said it was interrupted while saving)."""
+    import latentdiff.atomic as atomic_module
+    from latentdiff.training.checkpoint import rotate_checkpoints
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}" / "unet").mkdir(parents=True)
+        for name in (STATE_FILE, "optimizer.bin", "unet/w.safetensors"):
+            (tmp_path / f"checkpoint-{step}" / name).write_text("x")
+
+    def killed_part_way(path, **kwargs):
+        next(p for p in Path(path).rglob("*") if p.is_file()).unlink()  # one file gone, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_module.shutil, "rmtree", killed_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        rotate_checkpoints(tmp_path, total_limit=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-4", "checkpoint-6"
+    ]  # fmt: skip
+    assert [p.name.rsplit("-", 1)[0] for p in remove_leftovers(tmp_path)] == [".old-checkpoint-2"]  # the next start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
 def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_nothing(tmp_path):
     target = tmp_path / "run"
     for name, text in (("model_index.json", "old"), ("README.md", "old card"), ("keep.txt", "kept")):

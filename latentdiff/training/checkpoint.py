@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..atomic import disk_full_explained, replace_folder
+from ..atomic import disk_full_explained, remove_folder, replace_folder
 from ..models import UNet2DConditionModel
 from .ema import EMAModel
 from .lora import LORA_WEIGHT_NAME, load_lora, save_lora
@@ -220,7 +220,7 @@ def rotate_checkpoints(
     removed = [p for p in checkpoints[: max(len(checkpoints) - total_limit, 0)] if p.resolve() != kept]
     removed += [p for p in Path(output_dir).glob(f".tmp-{PREFIX}*") if p.is_dir()]
     for path in removed:
-        shutil.rmtree(path)
+        remove_folder(path)
     if removed:
         logger.info(f"Removed old checkpoints: {', '.join(p.name for p in removed)}")
     return removed
