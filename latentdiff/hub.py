@@ -24,8 +24,11 @@ from .atomic import LEFTOVER_PREFIXES, atomic_write_text
 logger = logging.getLogger(__name__)
 
 # Never uploaded: training checkpoints (resumable state, large) and the leftovers of interrupted writes.
-# huggingface_hub matches with fnmatch, whose `*` also matches `/`: a folder's pattern covers its files.
-UPLOAD_IGNORE = ["checkpoint-*"] + [f"{prefix}*" for prefix in LEFTOVER_PREFIXES]
+# huggingface_hub matches with fnmatch, whose `*` also matches `/`: a folder's pattern covers its files, and
+# `*/.tmp-*` finds leftovers at any depth (validation/.tmp-step_8-*).
+UPLOAD_IGNORE = ["checkpoint-*"] + [
+    pattern for prefix in LEFTOVER_PREFIXES for pattern in (f"{prefix}*", f"*/{prefix}*")
+]
 CARD_HYPERPARAMETERS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "num_train_epochs", "mixed_precision", "use_ema", "ema_decay",

@@ -192,3 +192,16 @@ def test_a_lora_card_pushed_to_a_repo_loads_the_adapters_from_it():
     card = card_for_repo(model_card("model", "org/base", None, {}, lora=True), "me/repo")
     assert 'pipeline.load_lora_weights("me/repo")' in card and 'load_lora_weights("model")' not in card
     assert 'from_pretrained("org/base"' in card and card.count("# me/repo") == 1  # the base stays the base
+
+
+def test_upload_leaves_out_checkpoints_and_interrupted_writes_at_any_depth():
+    """The patterns as huggingface_hub applies them (`filter_repo_objects`, fnmatch on the path in the folder)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from latentdiff.hub import UPLOAD_IGNORE
+
+    kept = ["README.md", "unet/diffusion_pytorch_model.safetensors", "validation/step_2/0.png", "notes.tmp-1.txt"]
+    left_out = ["checkpoint-2/unet/diffusion_pytorch_model.safetensors", "checkpoint-2/training_state.json",
+                ".tmp-entries-x/unet/config.json", ".old-unet-7/config.json", ".replaced-model-7/model_index.json",
+                "validation/.tmp-step_8-abc/0.png"]  # fmt: skip
+    assert list(filter_repo_objects(kept + left_out, ignore_patterns=UPLOAD_IGNORE)) == kept

@@ -165,6 +165,40 @@ def test_resume_is_exact(tiny_pipeline_path, tmp_path):
     assert_same_weights(weights(tmp_path / "straight" / UNET_WEIGHTS), weights(tmp_path / "resumed" / UNET_WEIGHTS))
 
 
+def test_a_run_stopped_between_an_epochs_checkpoint_and_its_validation_validates_on_resume(
+    tiny_pipeline_path, caption_folder, tmp_path, monkeypatch
+):
+    """8 rows at batch 2: epoch 1 ends at step 4 with checkpoint-4, then its validation. Killed in between, the
+    resumed run makes step 4's images first, the same as an uninterrupted run's."""
+    import latentdiff.training.loop as loop
+
+    options = dict(max_train_steps=8, checkpointing_steps=4, validation_prompts=["a red square"], validation_epochs=1,
+                   validation_inference_steps=2, use_ema=True, ema_decay=0.9)  # fmt: skip
+    train(make_config(tiny_pipeline_path, caption_folder, tmp_path / "straight", **options))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "validate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(make_config(tiny_pipeline_path, caption_folder, tmp_path / "killed", **options))
+    assert (tmp_path / "killed" / "checkpoint-4").is_dir() and not (tmp_path / "killed" / "validation").exists()
+    (tmp_path / "killed" / "validation" / ".tmp-step_4-x").mkdir(parents=True)  # as a kill in the PNG writes leaves
+    train(make_config(tiny_pipeline_path, caption_folder, tmp_path / "killed", resume_from_checkpoint="latest",
+                      **options))  # fmt: skip
+    for run in ("straight", "killed"):
+        assert sorted(p.name for p in (tmp_path / run / "validation").iterdir()) == ["step_4", "step_8"]
+    straight, resumed = (_read_png(tmp_path / run / "validation" / "step_4" / "0.png") for run in ("straight", "killed"))
+    assert np.array_equal(straight, resumed)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
 @pytest.mark.parametrize(
     "saved, changed",
     [

@@ -45,7 +45,7 @@ from .finish import RunSummary, save_trained
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
 from .losses import diffusion_loss
 from .models import TrainingModels, build_optimizer, load_training_models
-from .validation import inference_scheduler, validate
+from .validation import inference_scheduler, validate, validation_folder
 
 logger = get_logger(__name__)
 
@@ -83,8 +83,9 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     set_seed(seed)  # the global RNG only initialises a --unet_config UNet; the loop draws from its own generator
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if leftovers := remove_leftovers(output_dir):  # of a run that was killed while writing
-            logger.info(f"Removed what an interrupted write left: {', '.join(p.name for p in leftovers)}")
+        leftovers = remove_leftovers(output_dir) + remove_leftovers(output_dir / "validation")  # of a killed run
+        if leftovers:
+            logger.info(f"Removed what an interrupted write left: {', '.join(str(p) for p in leftovers)}")
     repo_id = None
     if config.push_to_hub and accelerator.is_main_process:  # fail now, not after training, if the token is bad
         repo_id = create_hub_repo(config.hub_model_id or output_dir.resolve().name, token=config.hub_token)
@@ -140,6 +141,11 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         )  # fmt: skip
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
+    # An epoch's last checkpoint is saved before its validation: a run stopped between the two owes it
+    owed = pipeline is not None and resume_from is not None and skip_batches == 0
+    if owed and _validates_after(first_epoch, config) and global_step < max_train_steps:
+        if not validation_folder(output_dir, global_step).exists():
+            validate(pipeline, ema, config, seed, global_step, accelerator)
     logger.info(
         f"Training on {len(dataset)} examples: {accelerator.num_processes} process(es) × batch "
         f"{config.train_batch_size} × {accum} accumulation, {max_train_steps} steps ({num_epochs} epochs), seed {seed}."
@@ -206,7 +212,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 save_checkpoint(accelerator, output_dir, state, config.checkpoints_total_limit, keep=resume_from)
             if global_step >= max_train_steps:
                 break
-        if pipeline is not None and (epoch + 1) % config.validation_epochs == 0 and global_step < max_train_steps:
+        if pipeline is not None and _validates_after(epoch + 1, config) and global_step < max_train_steps:
             validate(pipeline, ema, config, seed, global_step, accelerator)
     progress.close()
 
@@ -274,6 +280,11 @@ def _run_seed(config: TrainConfig, resume_from: Path | None, accelerator: Accele
         return config.seed
     shared = broadcast_object_list([secrets.randbelow(2**31)])  # the main process's draw
     return shared[0]
+
+
+def _validates_after(epochs_done: int, config: TrainConfig) -> bool:
+    """Whether validation runs once this many epochs are done (unless the run ends there: the final one does)."""
+    return epochs_done > 0 and epochs_done % config.validation_epochs == 0
 
 
 def _non_finite(what: str, value: float, step: int, epoch: int, batch: int, output_dir: Path) -> FloatingPointError:

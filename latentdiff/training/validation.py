@@ -65,11 +65,15 @@ def generate_validation_images(
     return images
 
 
+def validation_folder(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "validation" / f"step_{step}"
+
+
 def save_validation_images(
     images: list[Image.Image], prompts: list[str], output_dir: Path, step: int, accelerator: Accelerator
 ) -> list[Path]:
     """Write `output_dir/validation/step_<step>/<i>.png` (and `prompts.txt`), and log the images to TensorBoard."""
-    folder = Path(output_dir) / "validation" / f"step_{step}"
+    folder = validation_folder(output_dir, step)
     with atomic_dir(folder) as tmp:
         for i, image in enumerate(images):
             image.save(tmp / f"{i}.png")
