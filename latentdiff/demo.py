@@ -25,6 +25,7 @@ from PIL import Image
 
 from .atomic import atomic_write_text
 from .base import BaseConfig, build_base, emoji_train_config, load_base
+from .cache import cache_lock
 from .emoji import EmojiDataset, load_images, prepare_emoji_dataset, read_split
 from .figures import labelled_grid
 from .generate import save_png
@@ -150,7 +151,14 @@ def run_demo(
     config = PRESETS[preset] if isinstance(preset, str) else preset
     if lora_rank is not None:
         config = dataclasses.replace(config, lora_rank=lora_rank)
-    output_dir = Path(output_dir)
+    with cache_lock():  # one demo at a time writes the cache
+        return _run_demo(preset, config, Path(output_dir), rebuild_base, base_dir, data_root, package)
+
+
+def _run_demo(
+    preset: str | DemoConfig, config: DemoConfig, output_dir: Path, rebuild_base: bool,
+    base_dir: str | Path | None, data_root: str | Path | None, package: str | Path | None,
+) -> DemoResult:  # fmt: skip
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 

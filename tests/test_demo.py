@@ -1,8 +1,10 @@
 """The embedded demo end to end at a micro size (fake npm layout, tiny base), and its quality figure."""
 
 import json
+import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,12 +80,17 @@ def test_demo_end_to_end_micro(tmp_path, demo_paths):
     assert set(result.seconds) == {"data", "base", "fine-tune", "grid", "quality", "total"}
     assert "latentdiff generate --model" in result.summary()
 
+    # What killed builds left in the cache goes at the next start (the lock says nothing else writes there).
+    cache = Path(os.environ["LATENTDIFF_CACHE"])
+    leftovers = [cache / "npm" / ".tmp-emoji-datasource-google-16.0.0-x", cache / ".tmp-base-fp32-x"]
+    for leftover in leftovers:
+        (leftover / "package").mkdir(parents=True)
     # A second run reuses data, base and fine-tuned model: nothing is trained again.
     weights = result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"
     mtime = weights.stat().st_mtime_ns
     start = time.perf_counter()
     again = run_demo(MICRO, tmp_path / "out", **demo_paths)
-    assert weights.stat().st_mtime_ns == mtime
+    assert weights.stat().st_mtime_ns == mtime and not any(p.exists() for p in leftovers)
     assert again.seconds["fine-tune"] < 1.0 and time.perf_counter() - start < result.seconds["total"]
     (result.model_dir / "model_index.json").unlink()  # settings without the model they describe: trained again
     run_demo(MICRO, tmp_path / "out", **demo_paths)
@@ -200,3 +207,31 @@ def test_demo_threads_follow_the_runnable_count_not_the_lagging_load_average(
     finally:
         torch.set_num_threads(before)
     assert ("training with 1 thread(s) instead of 2" in caplog.text) == (threads == 1)
+
+
+def test_a_second_demo_waits_for_the_cache(tmp_path, monkeypatch, caplog):
+    import threading
+
+    from filelock import FileLock
+
+    from latentdiff.cache import cache_lock
+
+    monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path))
+    (tmp_path / ".tmp-base-fp32-x").mkdir()  # a killed build's, or the first demo's live write
+    first = FileLock(tmp_path / ".lock")
+    first.acquire()
+    entered = threading.Event()
+
+    def second_demo():
+        with cache_lock():
+            entered.set()
+
+    with caplog.at_level(logging.WARNING, logger="latentdiff.cache"):
+        thread = threading.Thread(target=second_demo)
+        thread.start()
+        time.sleep(0.5)
+        assert not entered.is_set() and (tmp_path / ".tmp-base-fp32-x").exists()  # the live write is left alone
+        first.release()
+        thread.join(timeout=30)
+    assert entered.is_set() and not (tmp_path / ".tmp-base-fp32-x").exists()
+    assert "Waiting for another latentdiff demo" in caplog.text
