@@ -166,7 +166,7 @@ def resolve_model_folder(
         except (OSError, ValueError) as error:  # offline, no such repo, not a valid repo id, not in the cache
             raise FileNotFoundError(
                 f"{str(pretrained_model_name_or_path)!r} is not a local folder, and the Hub could not be reached: "
-                f"{type(error).__name__}: {error}"
+                f"{type(error).__name__}: {' '.join(str(error).split())}"  # one line: huggingface_hub's have two
             ) from error
     check_weight_files(folder, allow_pickle)
     _check_variant(folder, variant)

@@ -141,6 +141,12 @@ def lora_source(lora: str | os.PathLike) -> LoraSource:
         return LoraSource(str(lora), str(path.parent), {"weight_name": path.name}, None)
     if path.is_dir():
         if not (path / LORA_WEIGHT_NAME).is_file():
+            if pickles := sorted(p.name for p in path.glob("*.bin")):
+                raise ValueError(
+                    f"--lora {path} holds only pickle weights ({', '.join(pickles)}), which can run code when "
+                    "loaded: convert them to safetensors, or load them in Python with pipe.load_lora_weights(..., "
+                    "allow_pickle=True) if you trust them."
+                )
             raise FileNotFoundError(
                 f"--lora {path} holds no {LORA_WEIGHT_NAME}: give the output folder of a LoRA run (--lora_rank) "
                 "or the .safetensors file itself."

@@ -258,6 +258,8 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora",
                  str(tmp_path / "adapters.bin")]) == 2  # fmt: skip
     assert "adapters.bin is not a .safetensors file: only safetensors LoRA files load here" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", str(tmp_path)]) == 2
+    assert f"--lora {tmp_path} holds only pickle weights (adapters.bin)" in capsys.readouterr().err  # a folder of it
     (tmp_path / "not-lora.safetensors").write_bytes(b"junk")
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora",
                  str(tmp_path / "not-lora.safetensors")]) == 2  # fmt: skip

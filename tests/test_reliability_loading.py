@@ -117,13 +117,31 @@ def test_train_script_reports_bad_arguments_in_one_line(inputs, tmp_path, capsys
     assert not (tmp_path / "out" / "model_index.json").exists()
 
 
-def test_unreachable_hub_id_is_one_line(inputs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what a machine without network sees
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Accelerate has fp16 autocast on a GPU")
+def test_fp16_from_the_accelerate_config_on_a_cpu_is_one_line(inputs, tmp_path, capsys, monkeypatch):
+    """fp16 set by `accelerate config` / a launch config (ACCELERATE_MIXED_PRECISION), not by the flag: the same
+    check (it read the flag only, and the run crashed at its first step with a dtype mismatch)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    argv = ["--pretrained_model_name_or_path", str(inputs["pipeline"]), "--train_data_dir", str(inputs["data"]),
+            "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--max_train_steps", "1", "--report_to", "none"]  # fmt: skip
+    assert train_script().main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: fp16 mixed precision (your accelerate config) needs a GPU"), last
+
+
+@pytest.mark.parametrize("no_network", ["offline", "refused"])
+def test_unreachable_hub_id_is_one_line(inputs, tmp_path, capsys, monkeypatch, no_network):
+    if no_network == "offline":  # HF_HUB_OFFLINE=1
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:  # a machine without network: huggingface_hub's message has two lines
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     argv = ["--pretrained_model_name_or_path", "no-such-org/no-such-model", "--train_data_dir", str(inputs["data"]),
             "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--report_to", "none"]  # fmt: skip
     assert train_script().main(argv) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # the whole message: nothing of it on a line of its own
     assert re.match(r"error: 'no-such-org/no-such-model' is not a local folder, and the Hub could not be reached", last)
+    assert "Traceback" not in err
 
 
 def test_an_unknown_choice_is_an_argparse_error(capsys):
@@ -342,3 +360,10 @@ def test_ctrl_c_during_training_says_how_to_continue(monkeypatch, capsys):
     assert main(["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]) == 130
     assert "interrupted (checkpoints already written are complete: continue with --resume_from_checkpoint latest)" \
         in capsys.readouterr().err  # fmt: skip
+
+
+def test_help_of_a_negated_flag_says_it_turns_the_option_off(capsys):
+    with pytest.raises(SystemExit):
+        train_script().main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--no_foreach_ema, --no-foreach-ema Turn off --foreach_ema." in help_text

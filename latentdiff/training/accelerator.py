@@ -67,10 +67,11 @@ def cpu_only_distributed() -> bool:
 
 def check_distributed_support(config: TrainConfig, accelerator: Accelerator) -> None:
     """Refuse the combinations whose cost or semantics we do not handle, before any work is done."""
-    if config.mixed_precision == "fp16" and not accelerator.native_amp:
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:  # the flag's, or the accelerate config's
+        source = "--mixed_precision fp16" if config.mixed_precision else "fp16 mixed precision (your accelerate config)"
         raise ValueError(
-            f"--mixed_precision fp16 needs a GPU: on {accelerator.device.type} Accelerate has no fp16 autocast, so "
-            "the half-precision VAE and text encoder would feed a float32 UNet. Use --mixed_precision bf16 or no."
+            f"{source} needs a GPU: on {accelerator.device.type} Accelerate has no fp16 autocast, so the "
+            "half-precision VAE and text encoder would feed a float32 UNet. Use --mixed_precision bf16 or no."
         )
     if accelerator.distributed_type == DistributedType.FSDP and (config.use_ema or config.validation_prompts):
         raise ValueError(

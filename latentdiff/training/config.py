@@ -350,6 +350,9 @@ class TrainArgumentParser(OneLineErrors, HfArgumentParser):
         **kwargs: Any,
     ):
         super().__init__(TrainConfig, **kwargs)
+        for action in self._actions:  # HfArgumentParser gives a True-by-default flag's `--no_` twin the same help
+            if negated := next((flag for flag in action.option_strings if flag.startswith("--no_")), None):
+                action.help = f"Turn off --{negated.removeprefix('--no_')}."
         self.config_file = config_file
         self.file_values = file_values or {}  # option name → the value the file gives it
         self.command_line_options = command_line_options or set()  # option names given again after the file
