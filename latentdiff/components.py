@@ -43,6 +43,21 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def to_unet_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents as the UNet sees them: shifted and scaled as its config says (SD: z × 0.18215)."""
+    if (shift := getattr(vae.config, "shift_factor", None)) is not None:
+        z = z - shift
+    return z * vae.config.scaling_factor
+
+
+def from_unet_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_unet_latents`: what the VAE's decoder takes."""
+    z = latents / vae.config.scaling_factor
+    if (shift := getattr(vae.config, "shift_factor", None)) is not None:
+        z = z + shift
+    return z
+
+
 def _hub_patterns(
     variant: str | None, allow_pickle: bool, weight_folders: tuple[str, ...] = WEIGHT_FOLDERS
 ) -> tuple[list[str], list[str]]:

@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from latentdiff.acceleration import compile_pipeline
-from latentdiff.components import load_unet, resolve_model_folder, vae_scale_factor
+from latentdiff.components import from_unet_latents, load_unet, resolve_model_folder, vae_scale_factor
 from latentdiff.guidance import classifier_free_guidance, rescale_guidance
 from latentdiff.models import UNet2DConditionModel
 from latentdiff.text import embed_prompts
@@ -349,7 +349,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         """x_0 latents → images in `output_type` (`"latent"` returns them as they are)."""
         if output_type == "latent":
             return latents
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor  # undo the training-time scaling
+        latents = from_unet_latents(self.vae, latents.to(self.vae.dtype))  # undo the training-time shift and scale
         images = self.vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
         if output_type in ("pil", "np") and not torch.isfinite(images).all():  # they go to the host next anyway
             logger.warning(

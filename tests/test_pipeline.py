@@ -563,3 +563,19 @@ def test_guidance_rescale_is_diffusers_rescale_noise_cfg(rescale):
     torch.testing.assert_close(ours, rescale_noise_cfg(guided, cond, rescale))
     if rescale == 1.0:  # the guided prediction's per-sample std pulled back to the conditional one's
         torch.testing.assert_close(ours.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
+
+
+def test_decoding_undoes_the_shift_and_scale_that_training_applies(tiny_pipeline_path):
+    """A VAE whose config has a shift_factor: the pipeline decodes (x / scale + shift), the inverse of what training
+    feeds the UNet ((z − shift) × scale); it used to divide by the scale only."""
+    from latentdiff.components import from_unet_latents, to_unet_latents
+
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    pipe.vae.register_to_config(shift_factor=0.3)
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents = to_unet_latents(pipe.vae, z)
+    torch.testing.assert_close(latents, (z - 0.3) * pipe.vae.config.scaling_factor)
+    torch.testing.assert_close(from_unet_latents(pipe.vae, latents), z)
+    with torch.no_grad():
+        expected = pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pt")
+        torch.testing.assert_close(pipe.decode_latents(latents, "pt"), expected)

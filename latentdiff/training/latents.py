@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
+from ..components import to_unet_latents
 from ..examples import ImageCaptionDataset
 
 
@@ -25,10 +26,7 @@ def encode_latent_dists(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch
 
 def sample_latents(vae: AutoencoderKL, latent_dists: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """z ~ q(z|x), shifted and scaled as the VAE's config says (SD: z × 0.18215), the UNet's x₀ `(B, C, h, w)`."""
-    latents = DiagonalGaussianDistribution(latent_dists).sample(generator=generator)
-    if getattr(vae.config, "shift_factor", None) is not None:
-        latents = latents - vae.config.shift_factor
-    return latents * vae.config.scaling_factor
+    return to_unet_latents(vae, DiagonalGaussianDistribution(latent_dists).sample(generator=generator))
 
 
 @torch.no_grad()
