@@ -676,6 +676,17 @@ def test_an_epoch_ending_mid_accumulation_is_a_step_and_the_logged_loss_is_the_m
     assert recorder.losses() == pytest.approx([0.25] * 6)
 
 
+def test_allow_tf32_holds_for_the_run_only(tiny_pipeline_path, caption_folder, tmp_path, monkeypatch):
+    import latentdiff.training.loop as loop
+
+    seen, real = [], loop.diffusion_loss
+    monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32)
+                        or real(*a, **k))  # fmt: skip
+    assert not torch.backends.cuda.matmul.allow_tf32
+    train(make_config(tiny_pipeline_path, caption_folder, tmp_path / "out", max_train_steps=1, allow_tf32=True))
+    assert seen == [True] and not torch.backends.cuda.matmul.allow_tf32  # later matmuls in the process: full fp32
+
+
 def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path, monkeypatch):
     """`--compile` through AOTAutograd (forward and backward graphs traced, run without codegen): the same losses
     and weights as eager. Inductor's kernels are for the GPU run (benchmarks/gpu.py)."""

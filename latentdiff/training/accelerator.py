@@ -19,8 +19,9 @@ logger = get_logger(__name__)
 
 @contextlib.contextmanager
 def accelerator_for(config: TrainConfig, trackers: Sequence[GeneralTracker]) -> Iterator[Accelerator]:
-    """The run's Accelerator; afterwards (even after an error) trackers are flushed and Accelerate's process-wide
-    state is cleared, so that `train` can be called again in the same process with other settings."""
+    """The run's Accelerator; afterwards (even after an error) trackers are flushed and the process-wide state the
+    run set (Accelerate's, `--allow_tf32`) is put back, so that `train` can be called again in the same process with
+    other settings, and later matmuls in it keep their precision."""
     wanted = config.trackers()
     available = {str(t) for t in get_available_trackers()}
     log_with = [name for name in wanted if name == "all" or name in available]
@@ -40,9 +41,13 @@ def accelerator_for(config: TrainConfig, trackers: Sequence[GeneralTracker]) -> 
         logger.warning(
             f"--report_to {missing}: not installed, not logging there (tensorboard: pip install latentdiff[tracking])."
         )
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if config.allow_tf32:  # faster fp32 matmuls on Ampere and later GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
     try:
         yield accelerator
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         accelerator.end_training()
         _reset_accelerate_state()
 

@@ -155,8 +155,6 @@ def load_training_models(config: TrainConfig, accelerator: Accelerator) -> Train
         unet.enable_xformers_memory_efficient_attention()
     if config.compile:
         compile_unet(unet)  # in place: same module, parameters and state-dict keys for Accelerate and the hooks
-    if config.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
     ema = None
     if config.use_ema:
         ema = EMAModel(
