@@ -157,7 +157,7 @@ def resolve_model_folder(
         raise ValueError(
             f"{path} is a single file, but a model is a diffusers folder (model_index.json, unet/, vae/, ...). "
             "Convert it with diffusers: StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
-            + (" (a .ckpt is a pickle: unpickling runs code, only convert files you trust)." if path.suffix in
+            + (f" (a {path.suffix} is a pickle: unpickling runs code, only convert files you trust)." if path.suffix in
                PICKLE_SUFFIXES else ".")
         )  # fmt: skip
     if path.is_dir():

@@ -16,6 +16,11 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_positive_int(value: Any) -> bool:
+    """An int ≥ 1 (not a bool: `True` is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_sampling_arguments(
     guidance_scale: float,
     guidance_rescale: float,
@@ -42,18 +47,18 @@ def check_sampling_arguments(
             f"guidance_rescale must be a number from 0 (off) to 1 (0.7 is usual), got {guidance_rescale!r}."
         )
     for name, size in (("height", height), ("width", width)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_positive_int(size):
             raise ValueError(f"{name} must be a positive integer number of pixels, got {size!r}.")
     if height % vae_scale_factor or width % vae_scale_factor:
         raise ValueError(f"height and width must be divisible by the VAE factor {vae_scale_factor}, got {height}x{width}.")
     if timesteps is not None and sigmas is not None:
         raise ValueError("Pass at most one of timesteps and sigmas (got both).")
-    if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+    if timesteps is None and sigmas is None and not is_positive_int(num_inference_steps):
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
     for name, custom in (("timesteps", timesteps), ("sigmas", sigmas)):
         if custom is not None and name not in inspect.signature(scheduler.set_timesteps).parameters:
             raise ValueError(f"{type(scheduler).__name__} does not take custom {name}; use num_inference_steps.")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+    if not is_positive_int(num_images_per_prompt):
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")

@@ -314,6 +314,8 @@ def test_a_unet_that_reuses_its_output_buffer_gives_the_same_images(pipe, monkey
         (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
         (dict(guidance_rescale=2.0), "guidance_rescale must be a number from 0 .* to 1"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+        (dict(num_images_per_prompt=True), "num_images_per_prompt must be a positive integer, got True"),
+        (dict(num_inference_steps=True), "num_inference_steps must be a positive integer, got True"),
         (dict(output_type="jpeg"), "output_type must be one of"),
         (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), r"\['noise_pred'\] are not available"),
         (dict(generator=[torch.Generator()] * 3), "Got 3 generators for 1 images"),
