@@ -80,7 +80,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         resolve_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     )
     seed = _run_seed(config, resume_from, accelerator)
-    set_seed(seed)  # the global RNG: new weights (--unet_config, LoRA) and dropout; noise comes from the loop's generator
+    set_seed(seed)  # the global RNG: new weights (--unet_config, LoRA) and dropout; noise: the loop's generator
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         leftovers = remove_leftovers(output_dir) + remove_leftovers(output_dir / "validation")  # of a killed run
