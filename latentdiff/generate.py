@@ -234,10 +234,10 @@ def generate_images(
     if not is_finite_number(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 10**6:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        raise ValueError(f"seed must be an integer from 0 to {2**63 - 10**6 - 1}, got {seed!r}.")
+    source = None if lora is None else lora_source(lora)
     # float32 unless asked: left to the libraries, a folder stored in fp16 loads as a mix (transformers keeps the
     # text encoder's fp16, diffusers makes the UNet fp32)
-    source = None if lora is None else lora_source(lora)
     pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=_resolve_dtype(torch_dtype) or torch.float32)
     if source is not None:
         load_lora(pipe, source, lora_scale)

@@ -6,7 +6,6 @@ checkpoints move both ways; the code is our own and keeps ``forward`` free of Py
 """
 
 import dataclasses
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from .embeddings import SinusoidalTimesteps, TimestepEmbedding
 from .normalization import GroupNorm
 from .unet_config import check_config, check_fixed_options, drop_fixed_options, per_block
 
-logger = logging.getLogger(__name__)
 
 
 def _refuse_adapters_while_fused(model: nn.Module) -> None:
