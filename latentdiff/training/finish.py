@@ -22,7 +22,7 @@ from .checkpoint import full_disk_advice
 from .config import EMA_FIELDS, LORA_FIELDS, TrainConfig
 from .lora import save_lora
 from .models import TrainingModels
-from .validation import inference_scheduler, validate
+from .validation import sampling_pipeline, validate
 
 logger = get_logger(__name__)
 
@@ -104,6 +104,4 @@ def _final_pipeline(
         averaged = unet
     if models.ema is not None:
         models.ema.copy_to(averaged)
-    sampler = inference_scheduler(models.folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule)
-    return LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
-                                   scheduler=sampler)  # fmt: skip
+    return sampling_pipeline(config, models, vae, text_encoder, unet)

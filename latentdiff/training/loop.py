@@ -27,7 +27,6 @@ from ..atomic import remove_leftovers
 from ..data import load_image_caption_dataset, warn_long_captions
 from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
 from ..hub import create_hub_repo
-from ..pipelines import LatentDiffusionPipeline
 from ..text import encode_prompts
 from .accelerator import accelerator_for, check_distributed_support
 from .checkpoint import (
@@ -45,7 +44,7 @@ from .finish import RunSummary, save_trained
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
 from .losses import diffusion_loss
 from .models import TrainingModels, build_optimizer, load_training_models
-from .validation import inference_scheduler, validate, validation_folder
+from .validation import sampling_pipeline, validate, validation_folder
 
 logger = get_logger(__name__)
 
@@ -117,28 +116,13 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     params_to_clip = [p for model in trained for p in model.parameters() if p.requires_grad]  # FSDP's own
 
     # 5. Resume: weights, optimizer, LR schedule, EMA from the checkpoint; the data position from its step
-    global_step = 0
-    if resume_from is not None:
-        global_step = load_checkpoint(accelerator, resume_from)["global_step"]
-        logger.info(f"Resumed from {resume_from} at step {global_step}")
-        if later := [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > global_step]:
-            logger.warning(
-                f"{output_dir} also holds {later}, saved by a run that went further: this run replaces them as it "
-                "reaches their steps, and until then --resume_from_checkpoint latest means them, not this run."
-            )
-    elif config.resume_from_checkpoint:
-        logger.info(f"No complete checkpoint in {output_dir}: starting a new run.")
+    global_step = _resume(accelerator, resume_from, config, output_dir)
     first_epoch, skip_batches = global_step // updates_per_epoch, (global_step % updates_per_epoch) * accum
 
     pipeline = None
     if config.validation_prompts and accelerator.is_main_process:
-        sampler = inference_scheduler(
-            models.folder, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
-        )
-        pipeline = LatentDiffusionPipeline(
-            vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=models.tokenizer,
-            unet=accelerator.unwrap_model(unet), scheduler=sampler,
-        )  # fmt: skip
+        parts = (vae, accelerator.unwrap_model(text_encoder), accelerator.unwrap_model(unet))
+        pipeline = sampling_pipeline(config, models, *parts)
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
     # An epoch's last checkpoint is saved before its validation: a run stopped between the two owes it
@@ -280,6 +264,22 @@ def _run_seed(config: TrainConfig, resume_from: Path | None, accelerator: Accele
         return config.seed
     shared = broadcast_object_list([secrets.randbelow(2**31)])  # the main process's draw
     return shared[0]
+
+
+def _resume(accelerator: Accelerator, resume_from: Path | None, config: TrainConfig, output_dir: Path) -> int:
+    """Load the checkpoint into the prepared objects; returns its step (0 for a new run)."""
+    if resume_from is None:
+        if config.resume_from_checkpoint:
+            logger.info(f"No complete checkpoint in {output_dir}: starting a new run.")
+        return 0
+    global_step = load_checkpoint(accelerator, resume_from)["global_step"]
+    logger.info(f"Resumed from {resume_from} at step {global_step}")
+    if later := [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > global_step]:
+        logger.warning(
+            f"{output_dir} also holds {later}, saved by a run that went further: this run replaces them as it "
+            "reaches their steps, and until then --resume_from_checkpoint latest means them, not this run."
+        )
+    return global_step
 
 
 def _validates_after(epochs_done: int, config: TrainConfig) -> bool:

@@ -11,14 +11,16 @@ import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
+from torch import nn
 
 from ..atomic import atomic_dir
 from ..pipelines import LatentDiffusionPipeline
 from .config import TrainConfig
 from .ema import EMAModel
+from .models import TrainingModels
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,17 @@ def inference_scheduler(model_folder: Path, **overrides: object) -> SchedulerMix
         logger.warning(f"Unknown scheduler class {config.get('_class_name')!r} in {model_folder}; sampling with DDIM.")
         scheduler_class = DDIMScheduler
     return scheduler_class.from_config(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def sampling_pipeline(
+    config: TrainConfig, models: TrainingModels, vae: AutoencoderKL, text_encoder: nn.Module, unet: nn.Module
+) -> LatentDiffusionPipeline:
+    """The run's parts as a pipeline with the sampler it saves (`inference_scheduler`): for validation during
+    training, and for the final pipeline."""
+    overrides = dict(prediction_type=config.prediction_type, beta_schedule=config.beta_schedule)
+    sampler = inference_scheduler(models.folder, **overrides)
+    return LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
+                                   scheduler=sampler)  # fmt: skip
 
 
 @torch.no_grad()
