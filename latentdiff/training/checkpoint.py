@@ -119,9 +119,9 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
                     model.save_pretrained(Path(output_dir) / name)
         weights.clear()  # saved above: Accelerate must not write them again
         if ema is not None and accelerator.is_main_process:
-            settings = {**ema.settings(), "optimization_step": ema.optimization_step}
-            shadow = {name: tensor.cpu() for name, tensor in ema.shadow.items()}
-            save_file(shadow, Path(output_dir) / EMA_FILE, metadata={"ema": json.dumps(settings)})
+            state = ema.state_dict()  # the average as tensors, the rest (settings, step) as the file's metadata
+            shadow = {name: tensor.cpu() for name, tensor in state.pop("shadow").items()}
+            save_file(shadow, Path(output_dir) / EMA_FILE, metadata={"ema": json.dumps(state)})
 
     def load_hook(models: list, input_dir: str) -> None:
         components = _by_component(accelerator, models)
