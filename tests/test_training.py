@@ -687,6 +687,19 @@ def test_allow_tf32_holds_for_the_run_only(tiny_pipeline_path, caption_folder, t
     assert seen == [True] and not torch.backends.cuda.matmul.allow_tf32  # later matmuls in the process: full fp32
 
 
+def test_ddp_timeout_reaches_the_process_group(tmp_path):
+    """How long the other processes wait for the main one's validation or final save (NCCL's default: 10 min)."""
+    from datetime import timedelta
+
+    from latentdiff.training.accelerator import accelerator_for
+
+    config = make_config(tmp_path, tmp_path, tmp_path / "out", ddp_timeout=7200)
+    with accelerator_for(config, []) as accelerator:
+        assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(hours=2)}
+    with pytest.raises(ValueError, match="--ddp_timeout must be an integer ≥ 1, got 0"):
+        make_config(tmp_path, tmp_path, tmp_path / "out", ddp_timeout=0)
+
+
 def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path, monkeypatch):
     """`--compile` through AOTAutograd (forward and backward graphs traced, run without codegen): the same losses
     and weights as eager. Inductor's kernels are for the GPU run (benchmarks/gpu.py)."""

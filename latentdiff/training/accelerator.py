@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+from datetime import timedelta
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import GeneralTracker, get_available_trackers
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import TrainConfig
 
@@ -33,6 +34,7 @@ def accelerator_for(config: TrainConfig, trackers: Sequence[GeneralTracker]) -> 
             mixed_precision=config.mixed_precision,
             log_with=[*log_with, *trackers] or None,
             project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],  # NCCL's: 10 min
         )
     except BaseException:  # a half-made Accelerator's state would break the next `train` in this process
         _reset_accelerate_state()

@@ -99,6 +99,11 @@ class TrainConfig:
                        "(needs --center_crop and no --random_flip)."),
     )  # fmt: skip
     dataloader_num_workers: int = field(default=0, metadata=_help("Data loading subprocesses (0: main process)."))
+    ddp_timeout: int = field(
+        default=1800,
+        metadata=_help("Seconds a process waits for the others (transformers' option): validation and the final "
+                       "save run on the main process while the others wait, so raise it when they take longer."),
+    )  # fmt: skip
 
     # Optimisation
     seed: int | None = field(default=None, metadata=_help("Seed of all randomness: the same seed gives the same run."))
@@ -235,7 +240,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                    "validation_epochs", "validation_inference_steps")  # fmt: skip
+                    "validation_epochs", "validation_inference_steps", "ddp_timeout")  # fmt: skip
         for name in positive + ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "lora_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:
