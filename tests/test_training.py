@@ -700,6 +700,23 @@ def test_ddp_timeout_reaches_the_process_group(tmp_path):
         make_config(tmp_path, tmp_path, tmp_path / "out", ddp_timeout=0)
 
 
+def test_other_processes_load_without_progress_bars_and_put_them_back():
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hf_hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    from latentdiff.training.models import _progress_bars_off
+
+    def bars() -> tuple[bool, bool, bool]:
+        return (not hf_hub_utils.are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled(),
+                diffusers_logging.is_progress_bar_enabled())  # fmt: skip
+
+    before = bars()
+    with _progress_bars_off():
+        assert bars() == (False, False, False)
+    assert bars() == before
+
+
 def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path, monkeypatch):
     """`--compile` through AOTAutograd (forward and backward graphs traced, run without codegen): the same losses
     and weights as eager. Inductor's kernels are for the GPU run (benchmarks/gpu.py)."""

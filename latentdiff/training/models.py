@@ -1,13 +1,17 @@
 """What the loop trains and with what: the base model's parts, an optional fresh UNet, checks, the optimizer."""
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import utils as hf_hub_utils
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from ..acceleration import compile_unet
 from ..components import load_components, resolve_model_folder, vae_scale_factor
@@ -120,10 +124,32 @@ class TrainingModels:
     ema: EMAModel | None
 
 
+@contextlib.contextmanager
+def _progress_bars_off() -> Iterator[None]:
+    """Inside: no download or weight-loading bars from huggingface_hub, transformers and diffusers (the other
+    processes' copies of the main one's)."""
+    switches = [  # (on now?, turn off, turn on)
+        (lambda: not hf_hub_utils.are_progress_bars_disabled(), hf_hub_utils.disable_progress_bars,
+         hf_hub_utils.enable_progress_bars),
+        *((lib.is_progress_bar_enabled, lib.disable_progress_bar, lib.enable_progress_bar)
+          for lib in (transformers_logging, diffusers_logging)),
+    ]  # fmt: skip
+    were_on = [is_on() for is_on, _, _ in switches]
+    for _, turn_off, _ in switches:
+        turn_off()
+    try:
+        yield
+    finally:
+        for (_, _, turn_on), was_on in zip(switches, were_on):
+            if was_on:
+                turn_on()
+
+
 def load_training_models(config: TrainConfig, accelerator: Accelerator) -> TrainingModels:
     """Load the base model's parts in fp32 (whatever dtype the folder stores: fp16-only checkpoints are common), then
     freeze, adapt and wrap them as the options say."""
-    with accelerator.main_process_first():  # one download per machine
+    quiet = contextlib.nullcontext() if accelerator.is_local_main_process else _progress_bars_off()
+    with accelerator.main_process_first(), quiet:  # one download per machine, one set of progress bars
         folder = resolve_model_folder(
             config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
             cache_dir=config.cache_dir, allow_pickle=config.allow_pickle,
