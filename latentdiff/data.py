@@ -72,7 +72,10 @@ def load_image_caption_dataset(
     elif Path(dataset_name).suffix.lower() in TABLE_LOADERS:
         path = Path(dataset_name)
         if not path.is_file():
-            raise FileNotFoundError(f"Data set file {path} does not exist.")
+            raise FileNotFoundError(
+                f"Data set file {path} does not exist: --dataset_name takes a Hub data set id, a folder written by "
+                "save_to_disk, or an existing .csv or .parquet file (a folder of images: --train_data_dir)."
+            )
         if path.suffix.lower() == ".csv":
             for _ in _utf8_lines(path):  # a line that is not UTF-8 raises an error naming it
                 pass

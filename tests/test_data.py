@@ -113,6 +113,8 @@ def test_bad_folders_and_tables_are_named(tmp_path):
     (tmp_path / "t.csv").write_text("image,text\nmissing.png,a cat\n")
     with pytest.raises(FileNotFoundError, match=r"row 0: image .*missing.png does not exist"):
         load_image_caption_dataset(dataset_name=str(tmp_path / "t.csv"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match=r"no.csv does not exist: --dataset_name takes a Hub data set id"):
+        load_image_caption_dataset(dataset_name=str(tmp_path / "no.csv"), cache_dir=str(tmp_path / "c"))
 
 
 @pytest.mark.parametrize(

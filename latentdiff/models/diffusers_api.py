@@ -59,7 +59,10 @@ class DiffusersUNetAPI:
         if not names <= {*_PLAIN, _FUSED, _XFORMERS}:
             raise _unsupported_processor(names - {*_PLAIN, _FUSED, _XFORMERS})
         if len(names) > 1:
-            raise NotImplementedError(f"One attention path for every module, not several ({sorted(names)}).")
+            raise NotImplementedError(
+                f"One attention path for every module, not several ({sorted(names)}): pass one processor, or the "
+                "same kind for every key."
+            )
         (name,) = names
         if name == _XFORMERS:
             self.set_use_memory_efficient_attention_xformers(True, chosen[0].attention_op)
