@@ -52,9 +52,7 @@ def replace_folder(finished: Path, target: Path) -> None:
     renames) absent with the old one whole beside it, which `remove_leftovers` then puts back.
     """
     if target.exists():
-        old = target.with_name(f"{_REPLACED}{target.name}-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
+        old = _move_aside(target, _REPLACED)
         os.replace(finished, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -103,9 +101,7 @@ def atomic_entries(target: str | os.PathLike, marker: str, stale: tuple[str, ...
         aside = []
         for name in (marker, *names, *stale):
             if (target / name).exists():
-                aside.append(target / f".old-{name}-{os.getpid()}")
-                _remove(aside[-1])
-                os.replace(target / name, aside[-1])
+                aside.append(_move_aside(target / name))
         for name in names:
             os.replace(tmp / name, target / name)
         os.replace(tmp / marker, target / marker)
@@ -160,11 +156,7 @@ def _filled_the_disk(error: Exception, folder: str | os.PathLike) -> bool:
 def remove_folder(path: str | os.PathLike) -> None:
     """Delete a folder so that it is whole or gone, never half-deleted under its own name: it is renamed aside
     (``.old-*``) first, which `remove_leftovers` finishes deleting if this is stopped."""
-    path = Path(path)
-    aside = path.with_name(f".old-{path.name}-{os.getpid()}")
-    _remove(aside)
-    os.replace(path, aside)
-    _remove(aside)
+    _remove(_move_aside(Path(path)))
 
 
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
@@ -182,6 +174,15 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
         else:
             _remove(path)
     return leftovers
+
+
+def _move_aside(path: Path, prefix: str = ".old-") -> Path:
+    """Rename ``path`` to ``<prefix><name>-<pid>`` beside it (replacing a leftover of that name); returns the new
+    path. `remove_leftovers` recognises these names."""
+    aside = path.with_name(f"{prefix}{path.name}-{os.getpid()}")
+    _remove(aside)
+    os.replace(path, aside)
+    return aside
 
 
 def _remove(path: Path) -> None:
