@@ -127,7 +127,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
     # An epoch's last checkpoint is saved before its validation: a run stopped between the two owes it
     owed = pipeline is not None and resume_from is not None and skip_batches == 0
-    if owed and _validates_after(first_epoch, config) and global_step < max_train_steps:
+    if owed and _validation_due(first_epoch, global_step, max_train_steps, config):
         if not validation_folder(output_dir, global_step).exists():
             validate(pipeline, ema, config, seed, global_step, accelerator)
     logger.info(
@@ -196,7 +196,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 save_checkpoint(accelerator, output_dir, state, config.checkpoints_total_limit, keep=resume_from)
             if global_step >= max_train_steps:
                 break
-        if pipeline is not None and _validates_after(epoch + 1, config) and global_step < max_train_steps:
+        if pipeline is not None and _validation_due(epoch + 1, global_step, max_train_steps, config):
             validate(pipeline, ema, config, seed, global_step, accelerator)
     progress.close()
 
@@ -282,9 +282,10 @@ def _resume(accelerator: Accelerator, resume_from: Path | None, config: TrainCon
     return global_step
 
 
-def _validates_after(epochs_done: int, config: TrainConfig) -> bool:
-    """Whether validation runs once this many epochs are done (unless the run ends there: the final one does)."""
-    return epochs_done > 0 and epochs_done % config.validation_epochs == 0
+def _validation_due(epochs_done: int, global_step: int, max_train_steps: int, config: TrainConfig) -> bool:
+    """Whether validation runs once this many epochs are done, at this step (not at the last step: the final
+    validation, of the saved pipeline, covers it)."""
+    return epochs_done > 0 and epochs_done % config.validation_epochs == 0 and global_step < max_train_steps
 
 
 def _non_finite(what: str, value: float, step: int, epoch: int, batch: int, output_dir: Path) -> FloatingPointError:

@@ -128,21 +128,18 @@ class TrainingModels:
 def _progress_bars_off() -> Iterator[None]:
     """Inside: no download or weight-loading bars from huggingface_hub, transformers and diffusers (the other
     processes' copies of the main one's)."""
-    switches = [  # (on now?, turn off, turn on)
-        (lambda: not hf_hub_utils.are_progress_bars_disabled(), hf_hub_utils.disable_progress_bars,
-         hf_hub_utils.enable_progress_bars),
-        *((lib.is_progress_bar_enabled, lib.disable_progress_bar, lib.enable_progress_bar)
-          for lib in (transformers_logging, diffusers_logging)),
-    ]  # fmt: skip
-    were_on = [is_on() for is_on, _, _ in switches]
-    for _, turn_off, _ in switches:
-        turn_off()
+    hub_was_on = not hf_hub_utils.are_progress_bars_disabled()
+    libraries_on = [lib for lib in (transformers_logging, diffusers_logging) if lib.is_progress_bar_enabled()]
+    hf_hub_utils.disable_progress_bars()
+    for library in libraries_on:
+        library.disable_progress_bar()
     try:
         yield
     finally:
-        for (_, _, turn_on), was_on in zip(switches, were_on):
-            if was_on:
-                turn_on()
+        if hub_was_on:
+            hf_hub_utils.enable_progress_bars()
+        for library in libraries_on:
+            library.enable_progress_bar()
 
 
 def load_training_models(config: TrainConfig, accelerator: Accelerator) -> TrainingModels:
