@@ -71,7 +71,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tiny_pipeline_path, caption_folder, tmp_path_factory):
-    """16 steps (4 epochs) with EMA, validation every 2 epochs, TensorBoard, checkpoints rotated down to one."""
+    """16 steps (4 epochs) with EMA, validation after epochs 1 and 3 (every 2) and at the end, TensorBoard,
+    checkpoints rotated down to one."""
     recorder = Recorder()
     config = make_config(
         tiny_pipeline_path, caption_folder, tmp_path_factory.mktemp("run") / "out", max_train_steps=16,
@@ -94,7 +95,7 @@ def test_run_writes_pipeline_card_validation_logs_and_rotates(trained):
     for name in ("model_index.json", "README.md", "unet/config.json", "vae/config.json", "tokenizer/vocab.json"):
         assert (output_dir / name).is_file(), name
     assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-16"]  # checkpoint-8 rotated away
-    assert sorted(p.name for p in (output_dir / "validation").iterdir()) == ["step_16", "step_8"]
+    assert sorted(p.name for p in (output_dir / "validation").iterdir()) == ["step_12", "step_16", "step_4"]
     assert image_size(output_dir / "validation" / "step_16" / "1.png") == (32, 32)
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
     card = (output_dir / "README.md").read_text()

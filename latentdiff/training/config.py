@@ -206,7 +206,9 @@ class TrainConfig:
     validation_prompts: list[str] | None = field(
         default=None, metadata=_help("Prompts sampled every --validation_epochs and at the end.")
     )
-    validation_epochs: int = field(default=5, metadata=_help("Validate every this many epochs."))
+    validation_epochs: int = field(
+        default=5, metadata=_help("Validate after epochs 1, N+1, 2N+1, ... (as diffusers' script) and at the end.")
+    )
     validation_inference_steps: int = field(default=20, metadata=_help("Sampling steps of validation images."))
     validation_guidance_scale: float = field(default=7.5, metadata=_help("Guidance scale of validation images."))
 

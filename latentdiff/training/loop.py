@@ -283,9 +283,10 @@ def _resume(accelerator: Accelerator, resume_from: Path | None, config: TrainCon
 
 
 def _validation_due(epochs_done: int, global_step: int, max_train_steps: int, config: TrainConfig) -> bool:
-    """Whether validation runs once this many epochs are done, at this step (not at the last step: the final
-    validation, of the saved pipeline, covers it)."""
-    return epochs_done > 0 and epochs_done % config.validation_epochs == 0 and global_step < max_train_steps
+    """Whether validation runs once this many epochs are done, at this step: after the first epoch and every
+    `--validation_epochs`-th one after it, as diffusers' script (its 0-based ``epoch % validation_epochs == 0``), but
+    not at the last step: the final validation, of the saved pipeline, covers it."""
+    return epochs_done > 0 and (epochs_done - 1) % config.validation_epochs == 0 and global_step < max_train_steps
 
 
 def _non_finite(what: str, value: float, step: int, epoch: int, batch: int, output_dir: Path) -> FloatingPointError:
