@@ -233,6 +233,26 @@ def test_resuming_with_other_ema_settings_warns_and_uses_them(tiny_pipeline_path
         assert json.loads(f.metadata()["ema"])["decay"] == 0.5
 
 
+def test_resuming_with_other_optimizer_settings_warns_and_records_the_ones_in_use(
+    tiny_pipeline_path, caption_folder, tmp_path, caplog
+):
+    """The checkpoint's optimizer state brings its learning rate and betas back (as in diffusers' script): new
+    values are named as not applied, and the card and training_config.json hold the rate the run trained with."""
+    out, options = tmp_path / "out", dict(checkpointing_steps=1, max_train_samples=4, learning_rate=1e-3)
+    train(make_config(tiny_pipeline_path, caption_folder, out, max_train_steps=1, **options))
+    recorder = Recorder()
+    with caplog.at_level("WARNING"):
+        resumed = make_config(tiny_pipeline_path, caption_folder, out, max_train_steps=2, resume_from_checkpoint="latest",
+                              **{**options, "learning_rate": 0.5, "adam_beta2": 0.9})  # fmt: skip
+        train(resumed, [recorder])
+    assert "--learning_rate 0.5, --adam_beta2 0.9 not applied" in caplog.text
+    assert "checkpoint's learning_rate 0.001, adam_beta2 0.999" in caplog.text
+    assert recorder.logs[2]["lr"] == pytest.approx(1e-3)
+    saved = json.loads((out / "training_config.json").read_text())
+    assert (saved["learning_rate"], saved["adam_beta2"]) == (pytest.approx(1e-3), pytest.approx(0.999))
+    assert "- learning_rate: 0.001\n" in (out / "README.md").read_text()
+
+
 def test_cache_latents_gives_the_same_trajectory(tiny_pipeline_path, caption_folder, tmp_path):
     runs = {}
     for cache in (False, True):

@@ -9,6 +9,7 @@ loop, never of the global RNG's history, so a run resumed from a checkpoint cont
 uninterrupted run would have (same batches, crops, noise, timesteps: same weights).
 """
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from .config import TrainConfig
 from .finish import RunSummary, save_trained
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
 from .losses import diffusion_loss
-from .models import TrainingModels, build_optimizer, load_training_models
+from .models import TrainingModels, build_optimizer, load_training_models, lr_scale
 from .validation import sampling_pipeline, validate, validation_folder
 
 logger = get_logger(__name__)
@@ -117,6 +118,8 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
 
     # 5. Resume: weights, optimizer, LR schedule, EMA from the checkpoint; the data position from its step
     global_step = _resume(accelerator, resume_from, config, output_dir)
+    if resume_from is not None:
+        config = _optimizer_options_in_use(config, optimizer, accelerator.num_processes)
     first_epoch, skip_batches = global_step // updates_per_epoch, (global_step % updates_per_epoch) * accum
 
     pipeline = None
@@ -280,6 +283,29 @@ def _resume(accelerator: Accelerator, resume_from: Path | None, config: TrainCon
             "reaches their steps, and until then --resume_from_checkpoint latest means them, not this run."
         )
     return global_step
+
+
+def _optimizer_options_in_use(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, num_processes: int
+) -> TrainConfig:
+    """`config` with the optimizer settings that a resumed run actually uses.
+
+    Loading a checkpoint brings back the optimizer's settings (learning rate, betas, weight decay, epsilon) with its
+    state, and the schedule's base rate, as in diffusers' script: options given now that differ are not applied. A
+    warning names them, and the card, `training_config.json` and the trackers get the values in use.
+    """
+    group = optimizer.param_groups[0]
+    in_use = {"learning_rate": group.get("initial_lr", group["lr"]) / lr_scale(config, num_processes),
+              "adam_beta1": group["betas"][0], "adam_beta2": group["betas"][1],
+              "adam_weight_decay": group["weight_decay"], "adam_epsilon": group["eps"]}  # fmt: skip
+    ignored = {k: float(v) for k, v in in_use.items() if not math.isclose(v, getattr(config, k), rel_tol=1e-6)}
+    if not ignored:
+        return config
+    given = ", ".join(f"--{k} {getattr(config, k)}" for k in ignored)
+    kept = ", ".join(f"{k} {v:g}" for k, v in ignored.items())
+    logger.warning(f"{given} not applied: the resumed optimizer and learning-rate schedule keep the checkpoint's "
+                   f"{kept}. To change them, start a new run from the trained pipeline.")  # fmt: skip
+    return dataclasses.replace(config, **ignored)
 
 
 def _validation_due(epochs_done: int, global_step: int, max_train_steps: int, config: TrainConfig) -> bool:

@@ -79,6 +79,11 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def lr_scale(config: TrainConfig, num_processes: int) -> int:
+    """What `--scale_lr` multiplies `--learning_rate` by: the global batch (1 without it)."""
+    return config.gradient_accumulation_steps * config.train_batch_size * num_processes if config.scale_lr else 1
+
+
 def build_optimizer(
     config: TrainConfig, params: Iterable[torch.nn.Parameter], num_processes: int
 ) -> torch.optim.Optimizer:
@@ -87,9 +92,7 @@ def build_optimizer(
     torch's AdamW is the fused one: one kernel for all parameters instead of a loop over them (SD's 686 tensors on
     a GPU; for the demo's UNet on a CPU 3.4 ms a step instead of 15.9).
     """
-    learning_rate = config.learning_rate
-    if config.scale_lr:
-        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
+    learning_rate = config.learning_rate * lr_scale(config, num_processes)
     optimizer_class, options = torch.optim.AdamW, {"fused": True}
     if config.use_8bit_adam:
         try:
