@@ -54,7 +54,7 @@ def _tokenizer_build(args: argparse.Namespace) -> None:
 def _train(argv: list[str]) -> None:
     from .training import parse_train_args, train
 
-    output_dir = train(parse_train_args(argv))
+    output_dir = train(parse_train_args(argv, prog="latentdiff train"))
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns here; one says it
         print(f"model saved to {output_dir}")
 

@@ -164,7 +164,9 @@ def test_an_unknown_option_is_named_with_the_nearest_one(capsys):
 @pytest.mark.parametrize(
     "flag, advice",
     [("--local-rank=0", "accelerate launch and torchrun give each process its rank"),
-     ("--non_ema_revision", "deprecated in diffusers: use --variant non_ema"), ("--rank", "the LoRA rank is --lora_rank here")],
+     ("--non_ema_revision", "deprecated in diffusers: use --variant non_ema"), ("--rank", "the LoRA rank is --lora_rank here"),
+     ("--proportion_empty_prompts", "the share of empty captions is --caption_dropout here"),
+     ("--ema_max_decay", "the EMA's maximum decay is --ema_decay here")],
 )  # fmt: skip
 def test_a_diffusers_option_we_do_not_take_says_what_to_do_instead(capsys, flag, advice):
     with pytest.raises(SystemExit):
@@ -180,6 +182,7 @@ def test_a_diffusers_option_we_do_not_take_says_what_to_do_instead(capsys, flag,
         (["demo", "--preset", "tpu"], "latentdiff demo: error: argument --preset: invalid choice: 'tpu'"),
         (["demo", "--lora-rank", "0"], "latentdiff demo: error: argument --lora-rank: must be an integer ≥ 1, got '0'"),
         (["bogus"], "latentdiff: error: argument command: invalid choice: 'bogus'"),
+        (["train"], "latentdiff train: error: the following arguments are required: --pretrained_model_name_or_path"),
     ],
 )
 def test_cli_argument_errors_are_one_line(capsys, argv, message):

@@ -193,8 +193,8 @@ class TrainConfig:
     ema_power: float = field(default=2 / 3, metadata=_help("power of the EMA warm-up (with --ema_use_warmup)."))
     foreach_ema: bool = field(
         default=True,
-        metadata=_help("Update the EMA with one multi-tensor operation instead of one per parameter (the same numbers; "
-                       "on by default here, off in diffusers)."),
+        metadata=_help("Update the EMA with multi-tensor operations over up to 64 MB of parameters each instead of "
+                       "one per parameter (the same numbers; on by default here, off in diffusers)."),
     )  # fmt: skip
     offload_ema: bool = field(
         default=False,
@@ -231,7 +231,11 @@ class TrainConfig:
     )
 
     # Hub
-    push_to_hub: bool = field(default=False, metadata=_help("Upload the pipeline and its model card at the end."))
+    push_to_hub: bool = field(
+        default=False,
+        metadata=_help("Upload the output folder at the end: the pipeline (or LoRA adapters), its model card, "
+                       "validation images and logs, not the checkpoints."),
+    )  # fmt: skip
     hub_model_id: str | None = field(
         default=None, metadata=_help("Repo id to push to; defaults to the output folder name.")
     )
@@ -384,6 +388,10 @@ DIFFUSERS_OPTIONS_NOT_TAKEN = {
     "local_rank": "accelerate launch and torchrun give each process its rank in the environment: launch with one "
                   "of them, not python -m torch.distributed.launch",  # fmt: skip
     "rank": "the LoRA rank is --lora_rank here",
+    "proportion_empty_prompts": "the share of empty captions is --caption_dropout here",
+    "ema_max_decay": "the EMA's maximum decay is --ema_decay here",
+    "ddpm_beta_schedule": "the noise schedule is --beta_schedule here",
+    "model_config_name_or_path": "a UNet config to train from scratch is --unet_config here",
 }
 
 
@@ -400,7 +408,7 @@ def _option_name(flag: str) -> str:
     return flag.split("=", 1)[0].lstrip("-").replace("-", "_")
 
 
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_train_args(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
     r"""Build a `TrainConfig` from command-line arguments, which may start with a `.yaml`/`.yml`/`.json` file.
 
     The file's options come first and the flags after it override them (`config_file.py`).
@@ -408,6 +416,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     Args:
         argv (`list[str]`, *optional*): The arguments, e.g. `["--pretrained_model_name_or_path", "x", ...]`,
             `["config.yaml"]` or `["config.yaml", "--output_dir", "run2"]`; defaults to `sys.argv[1:]`.
+        prog (`str`, *optional*): The command named in usage and errors; defaults to the script's name.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     config_file, file_values, command_line_options = None, {}, set()
@@ -420,6 +429,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         config_file,
         file_values,
         command_line_options,
+        prog=prog,
         description="Fine-tune a latent text-to-image diffusion model.",
     )
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
