@@ -373,6 +373,7 @@ FAULTS = {
     "nan loss": (lambda loss: loss * float("nan"), r"The loss is nan at step 4"),
     "inf loss": (lambda loss: loss * float("inf"), r"The loss is inf at step 4"),
     "inf gradient": (InfiniteGradient.apply, r"The gradient norm is (inf|nan) at step 4"),
+    "inf gradient, norm a float (as DeepSpeed's)": (InfiniteGradient.apply, r"The gradient norm is (inf|nan) at step 4"),
 }
 
 
@@ -393,6 +394,11 @@ def test_nan_or_inf_stops_naming_the_step_and_keeps_checkpoints_and_output(refer
         return corrupt(loss) if next(steps) == 4 else loss
 
     monkeypatch.setattr(loop_module, "diffusion_loss", faulty_loss)
+    if "float" in fault:
+        from accelerate import Accelerator
+
+        real_clip = Accelerator.clip_grad_norm_
+        monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda *args, **kwargs: float(real_clip(*args, **kwargs)))
     with pytest.raises(FloatingPointError, match=message + r".*checkpoints in .* are intact"):
         train(config_for(pipeline, data, output_dir, resume_from_checkpoint="checkpoint-2"))
 

@@ -171,3 +171,69 @@ def test_accelerate_configs_load():
     for name, distributed_type in expected.items():
         config = load_config_from_file(str(REPO_ROOT / "train_scripts" / "accelerate" / f"{name}.yaml"))
         assert config.distributed_type.value == distributed_type, name
+
+
+def _sharded_accelerator(distributed_type: str, deepspeed_config: dict | None = None, fsdp2: bool = True):
+    """What `check_distributed_support` and `fit_deepspeed_config` read of an FSDP or DeepSpeed Accelerator, which
+    Accelerate builds only on GPUs."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config=deepspeed_config)
+    return SimpleNamespace(distributed_type=DistributedType[distributed_type], is_fsdp2=fsdp2, mixed_precision="no",
+                           native_amp=True, state=SimpleNamespace(deepspeed_plugin=plugin))  # fmt: skip
+
+
+def _config(**options):
+    from latentdiff.training import TrainConfig
+
+    return TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", **options)
+
+
+def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_flags():
+    """DeepSpeed's own `auto` values become the flags' (Accelerate would take the batch from a loader prepared with
+    the model; ours is prepared apart), and numbers of its own that disagree are refused, naming both."""
+    import pytest
+
+    from latentdiff.training.accelerator import fit_deepspeed_config
+
+    config = _config(train_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5)
+    deepspeed_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                        "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
+    fit_deepspeed_config(config, _sharded_accelerator("DEEPSPEED", deepspeed_config))
+    assert deepspeed_config == {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
+                                "gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}  # fmt: skip
+    fit_deepspeed_config(config, _sharded_accelerator("DEEPSPEED", {"gradient_accumulation_steps": 2}))  # agrees
+    with pytest.raises(ValueError, match=r"sets gradient_clipping: 1.0, and --max_grad_norm is 0.5: set it to auto"):
+        fit_deepspeed_config(config, _sharded_accelerator("DEEPSPEED", {"gradient_clipping": 1.0}))
+
+
+def test_fsdp1_is_refused_where_it_would_resume_without_optimizer_state_or_not_compile():
+    import pytest
+
+    from latentdiff.training.accelerator import check_distributed_support
+
+    check_distributed_support(_config(resume_from_checkpoint="latest", compile=True), _sharded_accelerator("FSDP"))
+    check_distributed_support(_config(), _sharded_accelerator("FSDP", fsdp2=False))
+    resume = {"resume_from_checkpoint": "latest"}
+    for option, flag in ((resume, "--resume_from_checkpoint"), ({"compile": True}, "--compile")):
+        with pytest.raises(ValueError, match=f"{flag} needs FSDP2 here: .* Set fsdp_version: 2"):
+            check_distributed_support(_config(**option), _sharded_accelerator("FSDP", fsdp2=False))
+
+
+def test_an_fsdp_or_deepspeed_config_without_gpus_is_one_clear_error(monkeypatch):
+    """Accelerate shards only over GPUs: on a CPU machine it would fail inside its setup (FSDP) or quietly train
+    data-parallel (DeepSpeed)."""
+    import pytest
+
+    from latentdiff.training import train
+    from latentdiff.training.accelerator import _has_accelerator
+
+    if _has_accelerator():
+        pytest.skip("this machine has a GPU: Accelerate would shard")
+    for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, "true")
+            with pytest.raises(ValueError, match=f"asks for {name}, which shards over GPUs, and this machine has none"):
+                train(_config())

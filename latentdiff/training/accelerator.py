@@ -27,6 +27,7 @@ def accelerator_for(config: TrainConfig, trackers: Sequence[GeneralTracker]) -> 
     available = {str(t) for t in get_available_trackers()}
     log_with = [name for name in wanted if name == "all" or name in available]
     output_dir = Path(config.output_dir)
+    refuse_sharding_without_accelerators()
     try:
         accelerator = Accelerator(
             cpu=cpu_only_distributed(),
@@ -59,17 +60,51 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):  # torch ≥ 2.6: CUDA, XPU, MPS, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def cpu_only_distributed() -> bool:
     """Launched as several processes (torchrun) on a machine without accelerators: data-parallel on CPUs (gloo).
 
     Accelerate would otherwise treat each CPU process as a separate single-process run (it expects
     `ACCELERATE_USE_CPU` or MPI for multi-CPU), and they would all write the same output folder.
     """
-    if hasattr(torch, "accelerator"):  # torch ≥ 2.6: CUDA, XPU, MPS, ...
-        has_accelerator = torch.accelerator.is_available()
-    else:
-        has_accelerator = torch.cuda.is_available()
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator()
+
+
+def refuse_sharding_without_accelerators() -> None:
+    """An FSDP or DeepSpeed accelerate config on a machine without GPUs: Accelerate shards only over accelerators,
+    and would otherwise fail inside its own setup with a traceback (FSDP) or quietly run plain data-parallel."""
+    launched = [name for name in ("FSDP", "DeepSpeed") if os.environ.get(f"ACCELERATE_USE_{name.upper()}") == "true"]
+    if launched and not _has_accelerator():
+        raise ValueError(
+            f"Your accelerate config asks for {launched[0]}, which shards over GPUs, and this machine has none: "
+            "train on CPUs with train_scripts/accelerate/multi_cpu.yaml or torchrun --nproc_per_node N."
+        )
+
+
+def fit_deepspeed_config(config: TrainConfig, accelerator: Accelerator) -> None:
+    """DeepSpeed takes the micro-batch, accumulation and gradient clipping from its own config: its `auto` values
+    become the flags' (Accelerate would read the batch from a data loader prepared with the model; ours is prepared
+    on its own), and numbers that disagree with the flags are refused, since the step count and the loss scaling
+    follow the flags."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, flag in (("train_micro_batch_size_per_gpu", "train_batch_size"),
+                      ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+                      ("gradient_clipping", "max_grad_norm")):  # fmt: skip
+        wanted, given = getattr(config, flag), deepspeed_config.get(key, "auto")
+        if given == "auto":
+            deepspeed_config[key] = wanted
+        elif float(given) != float(wanted):
+            raise ValueError(
+                f"Your DeepSpeed config sets {key}: {given}, and --{flag} is {wanted}: set it to auto in the config "
+                f"(the flag's value is then used), or pass --{flag} {given}."
+            )
 
 
 def check_distributed_support(config: TrainConfig, accelerator: Accelerator) -> None:
@@ -85,6 +120,14 @@ def check_distributed_support(config: TrainConfig, accelerator: Accelerator) -> 
             "With FSDP the UNet's weights are sharded over the processes, so --use_ema and --validation_prompts "
             "(which need whole weights on one process during training) are not supported: drop them, or use "
             "DDP (multi_gpu.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml), which keep whole weights."
+        )
+    fsdp1 = accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
+    if fsdp1 and (config.resume_from_checkpoint or config.compile):
+        raise ValueError(
+            f"{'--resume_from_checkpoint' if config.resume_from_checkpoint else '--compile'} needs FSDP2 here: "
+            "under fsdp_version 1 Accelerate loads the sharded optimizer state back empty, and the UNet compiles "
+            "as one graph only around FSDP2's shards. Set fsdp_version: 2 in your accelerate config "
+            "(train_scripts/accelerate/fsdp.yaml)."
         )
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded and config.lora_rank is not None:

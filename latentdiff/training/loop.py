@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -29,7 +29,7 @@ from ..data import load_image_caption_dataset, warn_long_captions
 from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
 from ..hub import create_hub_repo
 from ..text import encode_prompts
-from .accelerator import accelerator_for, check_distributed_support
+from .accelerator import accelerator_for, check_distributed_support, fit_deepspeed_config
 from .checkpoint import (
     checkpoint_step,
     list_checkpoints,
@@ -75,6 +75,8 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
 
     # 1. What this setup supports, the run's seed, the Hub repo
     check_distributed_support(config, accelerator)
+    fit_deepspeed_config(config, accelerator)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     refuse_another_runs_checkpoints(output_dir, config.resume_from_checkpoint)
     resume_from = (
         resolve_checkpoint(output_dir, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
@@ -174,10 +176,12 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params_to_clip, config.max_grad_norm)  # same on every process
                     # A finite loss can still overflow the gradients, which would make every weight NaN (and the
-                    # next checkpoint with them). fp16's grad scaler skips such steps itself.
-                    if grad_norm is not None and accelerator.scaler is None and not torch.isfinite(grad_norm):
-                        raise _non_finite("gradient norm", grad_norm.item(), global_step + 1, epoch, batch_index,
-                                          output_dir)  # fmt: skip
+                    # next checkpoint with them). fp16's grad scaler (DeepSpeed's too) skips such steps itself.
+                    # DeepSpeed returns the norm as a float, of the step it has already taken in `backward`.
+                    scaled = accelerator.mixed_precision == "fp16"
+                    if grad_norm is not None and not scaled and not math.isfinite(grad_norm):
+                        raise _non_finite("gradient norm", float(grad_norm), global_step + 1, epoch, batch_index,
+                                          output_dir, deepspeed)  # fmt: skip
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -315,11 +319,15 @@ def _validation_due(epochs_done: int, global_step: int, max_train_steps: int, co
     return epochs_done > 0 and (epochs_done - 1) % config.validation_epochs == 0 and global_step < max_train_steps
 
 
-def _non_finite(what: str, value: float, step: int, epoch: int, batch: int, output_dir: Path) -> FloatingPointError:
+def _non_finite(
+    what: str, value: float, step: int, epoch: int, batch: int, output_dir: Path, stepped: bool = False
+) -> FloatingPointError:
+    """The error that stops a run at a non-finite loss or gradient norm; `stepped`: the optimizer had already
+    applied it (DeepSpeed steps inside `backward`)."""
+    stopped = "training stopped" if stepped else "training stopped before updating the weights"
     return FloatingPointError(
-        f"The {what} is {value} at step {step} (epoch {epoch}, batch {batch}): training stopped before updating the "
-        f"weights; the checkpoints in {output_dir} are intact. Lower --learning_rate, use bf16 instead of fp16, or "
-        "resume from the last checkpoint."
+        f"The {what} is {value} at step {step} (epoch {epoch}, batch {batch}): {stopped}; the checkpoints in "
+        f"{output_dir} are intact. Lower --learning_rate, use bf16 instead of fp16, or resume from the last checkpoint."
     )
 
 
