@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from huggingface_hub import snapshot_download
@@ -203,6 +204,22 @@ def load_unet(
         )
     except ValueError as error:
         raise ValueError(f"{Path(folder) / 'unet' / 'config.json'}: {error}") from error
+
+
+def unet_sharing_weights(unet: torch.nn.Module) -> UNet2DConditionModel:
+    """Our UNet on the weight tensors of another UNet with the same config and keys (diffusers'): no copy, so both
+    see later in-place changes. Adapters or other added modules must be fused and unloaded from it first."""
+    with init_empty_weights():
+        ours = UNet2DConditionModel.from_config(unet.config)
+    try:
+        ours.load_state_dict(unet.state_dict(), assign=True)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise ValueError(
+            f"The {type(unet).__name__}'s weights are not those of a plain UNet ({first_line}): fuse and unload its "
+            "LoRA adapters first (fuse_lora(), unload_lora_weights()), or pass unet= yourself."
+        ) from None
+    return ours.to(device=unet.device, dtype=unet.dtype).train(unet.training)
 
 
 def load_frozen_parts(

@@ -14,9 +14,10 @@ logger = logging.getLogger(__name__)
 
 
 def tokenize_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], warn_if_cut: bool = True
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], warn_if_cut: bool = True, max_length: int | None = None
 ) -> torch.LongTensor:
-    r"""Token ids of each prompt, padded and truncated to the tokenizer's `model_max_length` (77 for CLIP).
+    r"""Token ids of each prompt, padded and truncated to `max_length`, by default the tokenizer's
+    `model_max_length` (77 for CLIP).
 
     Prompts longer than that lose their end, as in Stable Diffusion; one warning per call says how many did.
 
@@ -25,15 +26,17 @@ def tokenize_prompts(
         prompts (`list[str]`): The prompts; `""` is the unconditional prompt.
         warn_if_cut (`bool`, *optional*, defaults to `True`): `False` when the caller has warned already (training
             counts its captions once, `data.warn_long_captions`): spares tokenizing every batch twice.
+        max_length (`int`, *optional*): Another length, e.g. that of given prompt embeddings that negative prompts
+            must match (as diffusers pads them).
 
     Returns:
-        `torch.LongTensor` of shape `(len(prompts), tokenizer.model_max_length)`.
+        `torch.LongTensor` of shape `(len(prompts), max_length)`.
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a list of strings, got {prompts!r}.")
-    max_length = tokenizer.model_max_length
+    max_length = max_length or tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    cut = too_long(tokenizer, prompts) if warn_if_cut else []
+    cut = too_long(tokenizer, prompts, max_length) if warn_if_cut else []
     if cut:
         first = tokenizer(prompts[cut[0]], verbose=False).input_ids[max_length - 1 : -1]
         logger.warning(
@@ -43,12 +46,15 @@ def tokenize_prompts(
     return ids.input_ids
 
 
-def too_long(tokenizer: PreTrainedTokenizerBase, texts: list[str], chunk: int = 1024) -> list[int]:
-    """Indices of the texts longer than the tokenizer's `model_max_length` tokens: those it will cut."""
+def too_long(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int | None = None, chunk: int = 1024
+) -> list[int]:
+    """Indices of the texts longer than `max_length` tokens (the tokenizer's `model_max_length`): those it will cut."""
+    max_length = max_length or tokenizer.model_max_length
     long = []
     for start in range(0, len(texts), chunk):
         ids = tokenizer(texts[start : start + chunk], truncation=False, verbose=False).input_ids
-        long += [start + i for i, tokens in enumerate(ids) if len(tokens) > tokenizer.model_max_length]
+        long += [start + i for i, tokens in enumerate(ids) if len(tokens) > max_length]
     return long
 
 
@@ -83,7 +89,12 @@ def encode_prompts(
 
 
 def embed_prompts(
-    tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str], clip_skip: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    text_encoder: PreTrainedModel,
+    prompts: list[str],
+    clip_skip: int | None = None,
+    max_length: int | None = None,
 ) -> torch.Tensor:
-    """`encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts), clip_skip)`: prompts to `(B, L, D)`."""
-    return encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts), clip_skip)
+    """`encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts, max_length=...), clip_skip)`: prompts to
+    `(B, L, D)`."""
+    return encode_prompts(text_encoder, tokenize_prompts(tokenizer, prompts, max_length=max_length), clip_skip)

@@ -32,7 +32,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from latentdiff.acceleration import compile_pipeline
-from latentdiff.components import from_unet_latents, load_unet, resolve_model_folder, vae_scale_factor
+from latentdiff.components import (
+    from_unet_latents,
+    load_unet,
+    resolve_model_folder,
+    unet_sharing_weights,
+    vae_scale_factor,
+)
 from latentdiff.guidance import classifier_free_guidance, rescale_guidance
 from latentdiff.models import UNet2DConditionModel
 from latentdiff.text import embed_prompts
@@ -125,6 +131,16 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             )
         kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any) -> "LatentDiffusionPipeline":
+        r"""diffusers' `from_pipe`: this pipeline on the components of another, without new memory. A diffusers
+        UNet (e.g. of a `StableDiffusionPipeline`) becomes ours on the same weight tensors; diffusers' `from_pipe`
+        would leave it out, since it keeps only components of the class that this pipeline declares."""
+        unet = kwargs.get("unet", getattr(pipeline, "unet", None))
+        if unet is not None and not isinstance(unet, UNet2DConditionModel):
+            kwargs["unet"] = unet_sharing_weights(unet)
+        return super().from_pipe(pipeline, **kwargs)
 
     def load_lora_weights(
         self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, adapter_name: str | None = None,
@@ -292,7 +308,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             batch = prompt_embeds.shape[0]
             if do_classifier_free_guidance and negative_prompt_embeds is None:
                 negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-                negative_prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, negatives)
+                tokens = prompt_embeds.shape[1]  # as diffusers: the negatives' length is that of the prompt's
+                if tokens > self.tokenizer.model_max_length:
+                    raise ValueError(
+                        f"prompt_embeds have {tokens} tokens, more than the text encoder's "
+                        f"{self.tokenizer.model_max_length}: pass negative_prompt_embeds of the same length as well."
+                    )
+                negative_prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, negatives, max_length=tokens)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if not do_classifier_free_guidance:
             return prompt_embeds, None
@@ -352,10 +374,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         latents = from_unet_latents(self.vae, latents.to(self.vae.dtype))  # undo the training-time shift and scale
         images = self.vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
         if output_type in ("pil", "np") and not torch.isfinite(images).all():  # they go to the host next anyway
-            logger.warning(
-                f"The images hold NaN or infinite values (they show as black): the UNet or the VAE overflowed in "
-                f"{self.unet.dtype} / {self.vae.dtype}. float16 overflows most often: sample in bfloat16 or float32."
-            )
+            if torch.float16 in (self.unet.dtype, self.vae.dtype):
+                cause = "the float16 UNet or VAE overflowed, most likely: sample in bfloat16 or float32"
+            else:
+                cause = (f"in {self.unet.dtype} / {self.vae.dtype} the likely source is the scheduler "
+                         f"({type(self.scheduler).__name__}) or its settings, or the weights")  # fmt: skip
+            logger.warning(f"The images hold NaN or infinite values (they show as black): {cause}.")
         return self.image_processor.postprocess(images, output_type=output_type)
 
     # ---- generation --------------------------------------------------------------------------------------------

@@ -330,18 +330,47 @@ def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
 
 
 def test_images_that_overflowed_are_named_in_a_warning(pipe, monkeypatch, caplog):
-    """A float16 overflow makes NaN images, which PIL shows as black: the call says why instead of nothing."""
+    """NaN images show as black in PIL: the call says so, and names the likely source (a float16 overflow, or in
+    float32 the scheduler: UniPC's bh1 solver with a zero final sigma makes NaN in diffusers too)."""
     decode = pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda z, return_dict: (decode(z, return_dict=False)[0] * float("nan"),))
     with caplog.at_level(logging.WARNING, logger="latentdiff"):
         image = pipe(PROMPTS[0], num_inference_steps=1).images[0]
     assert "The images hold NaN or infinite values (they show as black)" in caplog.text
-    assert "sample in bfloat16 or float32" in caplog.text and not np.asarray(image).any()
+    assert "in torch.float32 / torch.float32 the likely source is the scheduler (DDIMScheduler)" in caplog.text
+    assert "float16" not in caplog.text and not np.asarray(image).any()  # not blamed on an overflow it cannot have
     caplog.clear()
     monkeypatch.undo()
     with caplog.at_level(logging.WARNING, logger="latentdiff"):
         pipe(PROMPTS[0], num_inference_steps=1)
     assert "NaN" not in caplog.text
+
+
+def test_prompt_embeds_of_another_length_get_negatives_of_that_length_as_in_diffusers(pipe, tiny_pipeline_path):
+    """Embeddings of fewer than 77 tokens (e.g. from a prompt-weighting tool): the negative prompt is embedded at
+    their length, as diffusers does, instead of failing to concatenate; more than 77 need negative embeddings."""
+    from latentdiff.text import embed_prompts
+
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    embeds = embed_prompts(pipe.tokenizer, pipe.text_encoder, [PROMPTS[0]])[:, :16]
+    for negative_prompt in (None, "blurry"):
+        images = [run(p, prompt=None, prompt_embeds=embeds, negative_prompt=negative_prompt) for p in (pipe, reference)]
+        np.testing.assert_allclose(images[0], images[1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prompt_embeds have 80 tokens, more than the text encoder's 77: pass "):
+        run(pipe, prompt=None, prompt_embeds=torch.cat([embeds] * 5, dim=1))
+
+
+def test_from_pipe_takes_a_diffusers_pipelines_unet_over_as_ours_on_the_same_weights(pipe, tiny_pipeline_path):
+    """diffusers' `from_pipe` keeps only components of the declared class: ours converts the UNet, sharing its
+    tensors (no new memory), and gives the diffusers pipeline's images."""
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pipe(reference)
+    assert isinstance(ours.unet, UNet2DConditionModel) and ours.vae is reference.vae
+    shared = dict(reference.unet.named_parameters())
+    assert all(p.data_ptr() == shared[name].data_ptr() for name, p in ours.unet.named_parameters())
+    np.testing.assert_allclose(run(ours), run(reference), atol=1e-5, rtol=0)
 
 
 def test_custom_timesteps_need_a_scheduler_that_takes_them(pipe):

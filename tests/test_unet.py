@@ -75,6 +75,20 @@ def test_channels_last_keeps_its_layout_and_the_numbers():
     assert (actual - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_a_transformer_hands_back_its_input_layout(linear):
+    """The transformer's output goes to the next ResNet's convolutions in the input's layout: NCHW as diffusers (an
+    NHWC-strided result picks other conv kernels, with other last bits: SD-2's linear projection did), and
+    channels-last without a round trip."""
+    from latentdiff.models.blocks import Transformer2DModel
+
+    block = Transformer2DModel(32, heads=2, context_dim=16, groups=8, use_linear_projection=linear).eval()
+    x, context = torch.randn(2, 32, 4, 6), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert block(x, context).is_contiguous()
+        assert block(x.to(memory_format=torch.channels_last), context).is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("size", [6, 10])
 def test_latent_sizes_not_divisible_by_the_up_factor(size):
     """Odd latent sizes go through explicit upsample sizes, as in diffusers."""

@@ -200,8 +200,9 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W), laid out as (B, H, W, C)
+        h = h.contiguous(memory_format=_layout_of(x))  # no NHWC → NCHW → NHWC round trip; the convs' layout
         if not self.use_linear_projection:
-            h = self.proj_out(h.contiguous(memory_format=_layout_of(x)))  # no NHWC → NCHW → NHWC round trip
+            h = self.proj_out(h)
         return h + x
 
 
