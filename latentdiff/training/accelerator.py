@@ -121,13 +121,16 @@ def check_distributed_support(config: TrainConfig, accelerator: Accelerator) -> 
             "(which need whole weights on one process during training) are not supported: drop them, or use "
             "DDP (multi_gpu.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml), which keep whole weights."
         )
-    fsdp1 = accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
-    if fsdp1 and (config.resume_from_checkpoint or config.compile):
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and config.compile:
         raise ValueError(
-            f"{'--resume_from_checkpoint' if config.resume_from_checkpoint else '--compile'} needs FSDP2 here: "
-            "under fsdp_version 1 Accelerate loads the sharded optimizer state back empty, and the UNet compiles "
-            "as one graph only around FSDP2's shards. Set fsdp_version: 2 in your accelerate config "
-            "(train_scripts/accelerate/fsdp.yaml)."
+            "--compile makes the UNet one graph, which FSDP's hooks around each shard break: leave it out with FSDP, "
+            "or use DDP (multi_gpu.yaml) or DeepSpeed ZeRO-2 (deepspeed_zero2.yaml)."
+        )
+    if fsdp and not accelerator.is_fsdp2 and config.resume_from_checkpoint:
+        raise ValueError(
+            "--resume_from_checkpoint needs FSDP2 here: under fsdp_version 1 Accelerate loads the sharded optimizer "
+            "state back empty. Set fsdp_version: 2 in your accelerate config (train_scripts/accelerate/fsdp.yaml)."
         )
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded and config.lora_rank is not None:

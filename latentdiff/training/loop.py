@@ -63,8 +63,9 @@ def train(config: TrainConfig, trackers: Sequence[GeneralTracker] = ()) -> Path:
             logged `train_loss` and `lr` at every optimizer step, next to those of `config.report_to`.
 
     Returns:
-        `Path`: The output folder, holding the trained pipeline (`model_index.json`, `unet/`, ...), `README.md`,
-        `checkpoint-<step>/` folders, `validation/step_<step>/` images and tracker logs.
+        `Path`: The output folder, holding the trained pipeline (`model_index.json`, `unet/`, ...) or with
+        `--lora_rank` the adapters (`pytorch_lora_weights.safetensors`), `README.md`, `checkpoint-<step>/` folders,
+        `validation/step_<step>/` images and tracker logs.
     """
     with accelerator_for(config, trackers) as accelerator:
         return _train(config, accelerator)
