@@ -7,6 +7,7 @@ what a crash leaves is only a hidden ``.tmp-*`` sibling that readers ignore.
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ from typing import BinaryIO
 
 _REPLACED = ".replaced-"  # prefix of a folder that `replace_folder` moved aside
 LEFTOVER_PREFIXES = (".tmp-", ".old-", _REPLACED)  # what interrupted writes leave: never part of the content
+# The names themselves: a random 8-character suffix (`tempfile`'s), a step, or a process id. A user's own
+# ".tmp-notes.txt" in the same folder matches none of them, and is left alone.
+_LEFTOVER_NAME = re.compile(r"\.tmp-.+-[a-z0-9_]{8}|\.tmp-checkpoint-\d+|\.old-.+-\d+|\.replaced-.+-\d+")
 
 
 @contextlib.contextmanager
@@ -160,13 +164,14 @@ def remove_folder(path: str | os.PathLike) -> None:
 
 
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``.tmp-*`` and ``.old-*`` entries that interrupted atomic writes left in ``folder``; returns them.
+    """Delete the ``.tmp-*`` and ``.old-*`` entries that interrupted atomic writes left in ``folder`` (by the names
+    they give: other files of those prefixes are not theirs); returns them.
 
     A folder that `replace_folder` had moved aside when it was stopped, before the new one was in, is put back.
     Only while nothing writes into ``folder`` (a run's start): the names of live writes look the same.
     """
     folder = Path(folder)
-    leftovers = sorted(p for p in folder.iterdir() if p.name.startswith(LEFTOVER_PREFIXES)) if folder.is_dir() else []
+    leftovers = sorted(p for p in folder.iterdir() if _LEFTOVER_NAME.fullmatch(p.name)) if folder.is_dir() else []
     for path in leftovers:
         replaced = folder / path.name.removeprefix(_REPLACED).rsplit("-", 1)[0]
         if path.name.startswith(_REPLACED) and not replaced.exists():
@@ -183,6 +188,24 @@ def _move_aside(path: Path, prefix: str = ".old-") -> Path:
     _remove(aside)
     os.replace(path, aside)
     return aside
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Fail now, with what to do, if ``folder`` (or, while it does not exist, the folder it would be made in) takes
+    no files: before hours of work whose result would then have nowhere to go."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+            return  # not a folder, gone, ...: the write itself will say what is wrong
+        raise PermissionError(
+            f"{what} {folder} is not writable ({existing} refuses new files: {error.strerror}): give a folder you "
+            "can write to, or fix its permissions."
+        ) from None
 
 
 def _remove(path: Path) -> None:

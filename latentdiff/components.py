@@ -16,6 +16,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .hub import as_hub_id
@@ -112,14 +113,16 @@ def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
             "from the run's output folder, or put its UNet into the base pipeline: LatentDiffusionPipeline."
             f"from_pretrained(BASE, unet=UNet2DConditionModel.from_pretrained('{folder / 'unet'}'))."
         )
-    for sub in WEIGHT_FOLDERS:
-        path = folder / sub
-        if not path.is_dir():
+    for sub in PIPELINE_FOLDERS:
+        if not (folder / sub).is_dir():
             raise FileNotFoundError(
                 f"{folder} has no {sub}/ folder: a text-to-image model folder needs {', '.join(PIPELINE_FOLDERS)}."
             )
+    for sub in WEIGHT_FOLDERS:
+        path = folder / sub
         names = sorted(p.name for p in path.iterdir())
-        if any(name.endswith(".safetensors") for name in names):
+        if safetensors := [path / name for name in names if name.endswith(".safetensors")]:
+            _check_safetensors(safetensors)
             continue
         pickled = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
         if not pickled:
@@ -130,6 +133,19 @@ def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
                 "safetensors load by default. If you trust this checkpoint, pass --allow_pickle (in Python "
                 "allow_pickle=True), or convert it to safetensors first."
             )
+
+
+def _check_safetensors(paths: list[Path]) -> None:
+    """Read each file's header (not its weights): a truncated or damaged file is named now, instead of failing
+    inside a library's loader with a message that does not say which file."""
+    for path in paths:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path} is damaged or truncated ({error}): download or copy the model again."
+            ) from None
 
 
 def resolve_model_folder(

@@ -25,7 +25,7 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAM
 from PIL import Image
 from safetensors import SafetensorError
 
-from latentdiff.atomic import atomic_file
+from latentdiff.atomic import atomic_file, check_writable
 from latentdiff.hub import as_hub_id, reaching_the_hub
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.pipelines.inputs import is_finite_number
@@ -235,6 +235,10 @@ def generate_images(
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 10**6:
         raise ValueError(f"seed must be an integer from 0 to {2**63 - 10**6 - 1}, got {seed!r}.")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} is a file: give a folder (it is created if missing).")
+    check_writable(output_dir, "output_dir")  # before sampling, not at the first PNG
     source = None if lora is None else lora_source(lora)
     # float32 unless asked: left to the libraries, a folder stored in fp16 loads as a mix (transformers keeps the
     # text encoder's fp16, diffusers makes the UNet fp32)
@@ -243,7 +247,6 @@ def generate_images(
         load_lora(pipe, source, lora_scale)
     pipe = pipe.to(device)
     set_scheduler(pipe, scheduler)
-    output_dir = Path(output_dir)
 
     paths, seeds, images = [], [], []
     for prompt in prompts:

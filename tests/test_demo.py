@@ -82,7 +82,7 @@ def test_demo_end_to_end_micro(tmp_path, demo_paths):
 
     # What killed builds left in the cache goes at the next start (the lock says nothing else writes there).
     cache = Path(os.environ["LATENTDIFF_CACHE"])
-    leftovers = [cache / "npm" / ".tmp-emoji-datasource-google-16.0.0-x", cache / ".tmp-base-fp32-x"]
+    leftovers = [cache / "npm" / ".tmp-emoji-datasource-google-16.0.0-x1y2z3w4", cache / ".tmp-base-fp32-a1b2c3d4"]
     for leftover in leftovers:
         (leftover / "package").mkdir(parents=True)
     # A second run reuses data, base and fine-tuned model: nothing is trained again.
@@ -217,7 +217,7 @@ def test_a_second_demo_waits_for_the_cache(tmp_path, monkeypatch, caplog):
     from latentdiff.cache import cache_lock
 
     monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path))
-    (tmp_path / ".tmp-base-fp32-x").mkdir()  # a killed build's, or the first demo's live write
+    (tmp_path / ".tmp-base-fp32-a1b2c3d4").mkdir()  # a killed build's, or the first demo's live write
     first = FileLock(tmp_path / ".lock")
     first.acquire()
     entered = threading.Event()
@@ -230,8 +230,8 @@ def test_a_second_demo_waits_for_the_cache(tmp_path, monkeypatch, caplog):
         thread = threading.Thread(target=second_demo)
         thread.start()
         time.sleep(0.5)
-        assert not entered.is_set() and (tmp_path / ".tmp-base-fp32-x").exists()  # the live write is left alone
+        assert not entered.is_set() and (tmp_path / ".tmp-base-fp32-a1b2c3d4").exists()  # the live write is left alone
         first.release()
         thread.join(timeout=30)
-    assert entered.is_set() and not (tmp_path / ".tmp-base-fp32-x").exists()
+    assert entered.is_set() and not (tmp_path / ".tmp-base-fp32-a1b2c3d4").exists()
     assert "Waiting for another latentdiff demo" in caplog.text

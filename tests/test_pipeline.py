@@ -570,6 +570,24 @@ def test_generate_images_rejects_bad_arguments(tiny_pipeline_path, tmp_path, kwa
         generate_images(str(tiny_pipeline_path), output_dir=tmp_path, **kwargs)
 
 
+def test_generate_images_checks_its_output_folder_before_sampling(tiny_pipeline_path, tmp_path, monkeypatch):
+    """A file, or a folder that takes no files, is named before the model loads, not at the first PNG."""
+    import latentdiff.atomic
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"output_dir .*a-file is a file: give a folder"):
+        generate_images(str(tiny_pipeline_path), PROMPTS, output_dir=tmp_path / "a-file")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(latentdiff.atomic.tempfile, "mkstemp", refused)  # as a read-only folder (root ignores chmod)
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", None)  # never reached
+    with pytest.raises(PermissionError, match=r"output_dir .*new/out is not writable \(.* refuses new files: Perm"):
+        generate_images(str(tiny_pipeline_path), PROMPTS, output_dir=tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()
+
+
 def test_generate_cli_help_names_every_scheduler_and_lora_scale_needs_lora(capsys):
     from latentdiff.cli import build_parser, main
 

@@ -246,9 +246,11 @@ def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_noth
     assert (target / "model_index.json").read_text() == "new" and (target / "unet" / "w").read_text() == "new weights"
     assert (target / "unet" / "w").stat().st_mode & 0o777 == 0o644  # an ordinary file, not a private one
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]  # README was stale
-    (target / ".tmp-x").mkdir(), (target / ".old-unet-123").write_text("")
-    assert [p.name for p in remove_leftovers(target)] == [".old-unet-123", ".tmp-x"]
-    assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]
+    (target / ".tmp-unet-k3j_9x0a").mkdir(), (target / ".old-unet-123").write_text("")
+    (target / ".tmp-notes.txt").write_text("the user's"), (target / ".old-drafts").mkdir()  # not ours: kept
+    assert [p.name for p in remove_leftovers(target)] == [".old-unet-123", ".tmp-unet-k3j_9x0a"]
+    assert sorted(p.name for p in target.iterdir()) == [".old-drafts", ".tmp-notes.txt", "keep.txt", "model_index.json",
+                                                        "unet"]  # fmt: skip
 
 
 def test_a_checkpoint_replaced_when_the_run_was_killed_is_put_back(tmp_path, monkeypatch):

@@ -65,6 +65,11 @@ def inputs(tiny_pipeline_path, tmp_path_factory) -> dict[str, Path]:
     (root / "earlier-run" / "checkpoint-3" / "training_state.json").write_text("{}")
     (root / "unet.json").write_text(json.dumps({**json.loads((tiny_pipeline_path / "unet" / "config.json").read_text()),
                                                 **UNSUPPORTED_UNET}))  # fmt: skip
+    (root / "users" / "unet").mkdir(parents=True)  # a folder of the user's, with names a run's end would replace
+    (root / "users" / "README.md").write_text("mine"), (root / "users" / "unet" / "notes.txt").write_text("mine")
+    damaged = variant_of(tiny_pipeline_path, root / "damaged") / "text_encoder" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    shutil.rmtree(variant_of(tiny_pipeline_path, root / "no-tokenizer") / "tokenizer")
     return {
         "pipeline": tiny_pipeline_path, "data": write_caption_folder(root / "data", n=4), "root": root,
         "unsupported": variant_of(tiny_pipeline_path, root / "unsupported", unet_config=UNSUPPORTED_UNET),
@@ -95,6 +100,17 @@ ARGUMENT_CASES = {
     "empty data folder": (["--train_data_dir", "{root}/empty"], r"--train_data_dir .*empty holds no images"),
     "missing data folder": (["--train_data_dir", "{root}/nothing"], r"--train_data_dir .*nothing is not a folder"),
     "wrong caption column": (["--caption_column", "caption"], r"caption column 'caption' .* columns are \['image', 'text'\]"),
+    "empty --output_dir": (["--output_dir", ""], r"--output_dir is empty: give a path \(or leave the option out\)"),
+    "output_dir holds the user's files": (["--output_dir", "{root}/users"],
+                                          r"users already holds unet, README.md, not written by a latentdiff run .* "
+                                          r"give a new or empty folder"),
+    "output_dir is the model": (["--pretrained_model_name_or_path", "{root}/bin", "--output_dir", "{root}/bin"],
+                                r"bin is the model folder .* would replace the model it starts from"),
+    "output_dir in the data": (["--output_dir", "{root}/data/out"], r"is inside the data folder \(--train_data_dir"),
+    "truncated weights": (["--pretrained_model_name_or_path", "{root}/damaged"],
+                          r"damaged/text_encoder/model.safetensors is damaged or truncated .* copy the model again"),
+    "no tokenizer folder": (["--pretrained_model_name_or_path", "{root}/no-tokenizer"],
+                            r"no-tokenizer has no tokenizer/ folder: a text-to-image model folder needs"),
 }  # fmt: skip
 if not torch.cuda.is_available():  # the suite's machines: Accelerate has no fp16 autocast on a CPU
     ARGUMENT_CASES["fp16 on a CPU"] = (["--mixed_precision", "fp16"], r"--mixed_precision fp16 needs a GPU.*bf16 or no")
@@ -115,6 +131,35 @@ def test_train_script_reports_bad_arguments_in_one_line(inputs, tmp_path, capsys
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and re.search(message, last), last
     assert not (tmp_path / "out" / "model_index.json").exists()
+    assert (inputs["root"] / "users" / "README.md").read_text() == "mine"  # a refused run changes nothing
+    assert [p.name for p in (inputs["root"] / "users" / "unet").iterdir()] == ["notes.txt"]
+
+
+def test_an_output_folder_that_takes_no_files_is_found_before_training(inputs, tmp_path, monkeypatch):
+    """Not at the final save, after the whole run (root ignores chmod: the probe's refusal is simulated)."""
+    import latentdiff.atomic
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(latentdiff.atomic.tempfile, "mkstemp", refused)
+    monkeypatch.setattr("latentdiff.training.loop.load_training_models", None)  # never reached
+    with pytest.raises(PermissionError, match=r"--output_dir .*out is not writable \(.* refuses new files: Permission"):
+        train(TrainConfig(pretrained_model_name_or_path=str(inputs["pipeline"]), train_data_dir=str(inputs["data"]),
+                          output_dir=str(tmp_path / "out"), resolution=32, report_to="none"))  # fmt: skip
+
+
+def test_resuming_a_checkpoint_of_another_model_is_one_line(inputs, tmp_path):
+    """A checkpoint of a run from another UNet (here one from --unet_config, wider) names the mismatch and what to
+    do, instead of torch's size-mismatch listing."""
+    config = json.loads((inputs["pipeline"] / "unet" / "config.json").read_text())
+    (tmp_path / "wide.json").write_text(json.dumps({**config, "block_out_channels": [64, 64]}))
+    options = dict(pretrained_model_name_or_path=str(inputs["pipeline"]), train_data_dir=str(inputs["data"]),
+                   output_dir=str(tmp_path / "out"), resolution=32, report_to="none", checkpointing_steps=1)  # fmt: skip
+    train(TrainConfig(**options, unet_config=str(tmp_path / "wide.json"), max_train_steps=1))
+    with pytest.raises(ValueError, match=r"checkpoint-1/unet holds another model than this run's \(.*\.\.\.\): resume "
+                                         r"with the --pretrained_model_name_or_path / --unet_config of the run that"):
+        train(TrainConfig(**options, max_train_steps=2, resume_from_checkpoint="latest"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Accelerate has fp16 autocast on a GPU")

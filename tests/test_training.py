@@ -185,7 +185,7 @@ def test_a_run_stopped_between_an_epochs_checkpoint_and_its_validation_validates
         with pytest.raises(KeyboardInterrupt):
             train(make_config(tiny_pipeline_path, caption_folder, tmp_path / "killed", **options))
     assert (tmp_path / "killed" / "checkpoint-4").is_dir() and not (tmp_path / "killed" / "validation").exists()
-    (tmp_path / "killed" / "validation" / ".tmp-step_4-x").mkdir(parents=True)  # as a kill in the PNG writes leaves
+    (tmp_path / "killed" / "validation" / ".tmp-step_4-q1w2e3r4").mkdir(parents=True)  # as a kill in the PNG writes leaves
     train(make_config(tiny_pipeline_path, caption_folder, tmp_path / "killed", resume_from_checkpoint="latest",
                       **options))  # fmt: skip
     for run in ("straight", "killed"):

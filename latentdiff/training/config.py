@@ -30,6 +30,8 @@ EMA_FIELDS = ("ema_decay", "ema_min_decay", "ema_update_after_step", "ema_use_wa
 EMA_WARMUP_FIELDS = ("ema_inv_gamma", "ema_power")  # meaningful only with --ema_use_warmup
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 SECRET_FIELDS = ("hub_token",)  # never logged, saved, printed or written into a model card
+PATH_FIELDS = ("pretrained_model_name_or_path", "output_dir", "train_data_dir", "dataset_name", "unet_config",
+               "cache_dir", "resume_from_checkpoint")  # fmt: skip
 
 
 def _help(text: str, **metadata: Any) -> dict[str, Any]:
@@ -273,6 +275,9 @@ class TrainConfig:
             raise ValueError(f"--seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}.")
         if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
             raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma!r}.")
+        for name in PATH_FIELDS:
+            if (value := getattr(self, name)) is not None and not value.strip():  # "" would mean the current folder
+                raise ValueError(f"--{name} is empty: give a path (or leave the option out).")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}.")
         if self.dataset_name is None and self.train_data_dir is None:

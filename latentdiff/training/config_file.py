@@ -1,8 +1,9 @@
 """A training config file (YAML or JSON) turned into command-line flags.
 
 Going through the flags gives a file the command line's type conversion, choices and required-option checks,
-with the same one-line errors, and lets flags after the file override it (`latentdiff train base.yaml --output_dir run2`:
-one base file for several runs; the later value wins, as on any command line).
+with the same one-line errors, and lets flags after the file override it
+(`latentdiff train base.yaml --output_dir run2`: one base file for several runs; the later value wins, as on any
+command line).
 """
 
 import json

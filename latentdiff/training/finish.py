@@ -49,6 +49,7 @@ def save_trained(
         unet, text_encoder (`torch.nn.Module`): The trained models as `accelerator.prepare` returned them.
     """
     output_dir, lora = Path(config.output_dir), models.lora
+    options = config.to_dict() | {"seed": run.seed}  # the seed the run used, also when it was drawn
     accelerator.wait_for_everyone()
     unet_state = None if lora else accelerator.get_state_dict(unet)  # all processes take part in the gather
     if accelerator.is_main_process:
@@ -59,12 +60,13 @@ def save_trained(
                 saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
             final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
         else:  # beside the checkpoints, swapped in whole: a crash leaves the old pipeline or no pipeline, no mix
-            with atomic_entries(output_dir, "model_index.json", stale=("README.md", "training_config.json")) as tmp:
+            with atomic_entries(output_dir, "model_index.json", stale=("README.md",)) as tmp:
                 with disk_full_explained(output_dir, "the trained pipeline", full_disk_advice(output_dir), partial=tmp):
                     final.save_pretrained(tmp)
+                    (tmp / "training_config.json").write_text(json.dumps(options, indent=2))  # marks a run's folder
             saved = output_dir
-        options = config.to_dict() | {"seed": run.seed}  # the seed the run used, also when it was drawn
-        atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
+        if lora:
+            atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
         images = []
         if config.validation_prompts:
             paths = validate(final.to(accelerator.device), None, config, run.seed, run.global_step, accelerator)

@@ -45,6 +45,7 @@ from .finish import RunSummary, save_trained
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
 from .losses import diffusion_loss
 from .models import TrainingModels, build_optimizer, load_training_models, lr_scale
+from .output_folder import check_output_folder
 from .validation import sampling_pipeline, validate, validation_folder
 
 logger = get_logger(__name__)
@@ -85,7 +86,7 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     seed = _run_seed(config, resume_from, accelerator)
     set_seed(seed)  # the global RNG: new weights (--unet_config, LoRA) and dropout; noise: the loop's generator
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_folder(config)  # makes it
         leftovers = remove_leftovers(output_dir) + remove_leftovers(output_dir / "validation")  # of a killed run
         if leftovers:
             logger.info(f"Removed what an interrupted write left: {', '.join(str(p) for p in leftovers)}")

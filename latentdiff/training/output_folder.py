@@ -1,0 +1,44 @@
+"""Whether `--output_dir` may take a run's files: the end of a run replaces some of its entries whole, so those
+must be a run's own, and the folder must be neither the model a run starts from nor inside its data."""
+
+from pathlib import Path
+
+from ..atomic import check_writable
+from ..components import LORA_WEIGHT_NAME
+from .checkpoint import list_checkpoints
+from .config import TrainConfig
+
+# What the end of a run replaces whole (the pipeline's parts and the card), or writes over (the LoRA file).
+REPLACED_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "README.md",
+                    "training_config.json", LORA_WEIGHT_NAME)  # fmt: skip
+
+
+def check_output_folder(config: TrainConfig) -> None:
+    """Refuse an `--output_dir` whose files a run would wrongly replace or whose result would be read back as data;
+    make it, and check that it takes files, before any work is done."""
+    output_dir = Path(config.output_dir).resolve()
+    for flag, data in (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name)):
+        if data and Path(data).is_dir() and output_dir.is_relative_to(Path(data).resolve()):
+            raise ValueError(
+                f"--output_dir {config.output_dir} is inside the data folder ({flag} {data}): the next run would "
+                "read its validation images as training data. Give a folder outside it."
+            )
+    model = Path(config.pretrained_model_name_or_path)
+    if model.is_dir() and output_dir == model.resolve():
+        raise ValueError(
+            f"--output_dir {config.output_dir} is the model folder (--pretrained_model_name_or_path): the run would "
+            "replace the model it starts from. Give another folder."
+        )
+    if output_dir.is_dir() and not _holds_a_run(output_dir):
+        if foreign := [name for name in REPLACED_ENTRIES if (output_dir / name).exists()]:
+            raise ValueError(
+                f"--output_dir {config.output_dir} already holds {', '.join(foreign)}, not written by a latentdiff "
+                "run (there is no training_config.json or checkpoint), which the run would replace: give a new or "
+                "empty folder."
+            )
+    check_writable(output_dir, "--output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _holds_a_run(folder: Path) -> bool:
+    return (folder / "training_config.json").is_file() or bool(list_checkpoints(folder))
