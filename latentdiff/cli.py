@@ -47,6 +47,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _tokenizer_build(args: argparse.Namespace) -> None:
     from .tokenizer import build_clip_tokenizer
 
+    if not args.out_dir.strip() or Path(args.out_dir).is_file():  # "" would be the current folder
+        raise ValueError(f"{args.out_dir!r} is {'a file' if args.out_dir.strip() else 'empty'}: give the tokenizer's "
+                         "folder (it is created if missing).")  # fmt: skip
     build_clip_tokenizer(args.out_dir)
     print(f"CLIP tokenizer written to {args.out_dir}")
 
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer = commands.add_parser("tokenizer", help="tokenizer tools")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
     build = tokenizer_commands.add_parser("build", help="write SD's CLIP tokenizer from open-clip-torch's vocabulary")
-    build.add_argument("out_dir", type=Path)
+    build.add_argument("out_dir")
     build.set_defaults(handler=_tokenizer_build)
     return parser
 

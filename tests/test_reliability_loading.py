@@ -70,6 +70,7 @@ def inputs(tiny_pipeline_path, tmp_path_factory) -> dict[str, Path]:
     damaged = variant_of(tiny_pipeline_path, root / "damaged") / "text_encoder" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])
     shutil.rmtree(variant_of(tiny_pipeline_path, root / "no-tokenizer") / "tokenizer")
+    variant_of(tiny_pipeline_path, root / "text-size", unet_config={"cross_attention_dim": "big"})
     return {
         "pipeline": tiny_pipeline_path, "data": write_caption_folder(root / "data", n=4), "root": root,
         "unsupported": variant_of(tiny_pipeline_path, root / "unsupported", unet_config=UNSUPPORTED_UNET),
@@ -109,6 +110,9 @@ ARGUMENT_CASES = {
     "output_dir in the data": (["--output_dir", "{root}/data/out"], r"is inside the data folder \(--train_data_dir"),
     "truncated weights": (["--pretrained_model_name_or_path", "{root}/damaged"],
                           r"damaged/text_encoder/model.safetensors is damaged or truncated .* copy the model again"),
+    "a size that is a string in unet/config.json": (["--pretrained_model_name_or_path", "{root}/text-size"],
+                                                    r"text-size/unet/config.json: UNet config key 'cross_attention_dim' "
+                                                    r"must be a positive integer \(or one per block\), got 'big'"),
     "no tokenizer folder": (["--pretrained_model_name_or_path", "{root}/no-tokenizer"],
                             r"no-tokenizer has no tokenizer/ folder: a text-to-image model folder needs"),
 }  # fmt: skip

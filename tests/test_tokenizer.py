@@ -99,3 +99,16 @@ def test_encode_prompts_is_the_text_encoders_last_hidden_state(tiny_pipeline_pat
     torch.testing.assert_close(embeds, text_encoder(ids).last_hidden_state)
     torch.testing.assert_close(embed_prompts(clip_tokenizer, text_encoder, ["a photo of a cat", ""]), embeds)
     assert not torch.allclose(embeds[0], embeds[1])
+
+
+def test_tokenizer_build_refuses_a_file_or_an_empty_path(tmp_path, capsys):
+    """`latentdiff tokenizer build ''` wrote into the current folder; a file gave a bare 'File exists'."""
+    from latentdiff import cli
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["tokenizer", "build", str(tmp_path / "notes.txt")]) == 2
+    assert cli.main(["tokenizer", "build", ""]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: '{tmp_path / 'notes.txt'}' is a file: give the tokenizer's folder (it is created if "
+                     "missing).", "error: '' is empty: give the tokenizer's folder (it is created if missing)."]  # fmt: skip
+    assert (tmp_path / "notes.txt").read_text() == "mine"

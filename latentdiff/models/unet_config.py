@@ -57,8 +57,23 @@ def _unsupported(key: str, value: Any, supported: Any) -> ValueError:
     )
 
 
+# Sizes: a positive int, or one per block (per side for sample_size); a string or float there (a hand-edited
+# config.json) would fail deep inside torch's tensor constructors instead of naming the key.
+SIZE_KEYS = ("sample_size", "in_channels", "out_channels", "layers_per_block", "block_out_channels",
+             "cross_attention_dim", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block")  # fmt: skip
+
+
 def check_config(options: dict[str, Any], n_blocks: int) -> None:
-    """Block types, time/class embedding options and per-block list lengths of a constructor call."""
+    """Sizes, block types, time/class embedding options and per-block list lengths of a constructor call."""
+    for key in SIZE_KEYS:
+        value = options[key]
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not isinstance(item, (list, tuple)) and (
+                isinstance(item, bool) or not isinstance(item, int) or item < 1
+            ):
+                raise ValueError(
+                    f"UNet config key {key!r} must be a positive integer (or one per block), got {value!r}."
+                )
     for key, allowed, values in (
         ("down_block_types", DOWN_BLOCK_TYPES, options["down_block_types"]),
         ("up_block_types", UP_BLOCK_TYPES, options["up_block_types"]),

@@ -288,9 +288,9 @@ class TrainConfig:
                 "pass --center_crop and leave out --random_flip (or drop --cache_latents)."
             )
         self.trackers()  # checks --report_to
-        output_dir = Path(self.output_dir)
-        if output_dir.exists() and not output_dir.is_dir():
-            raise ValueError(f"--output_dir {self.output_dir} is a file: give a folder (it is created if missing).")
+        for name in ("output_dir", "cache_dir"):
+            if (value := getattr(self, name)) is not None and Path(value).is_file():
+                raise ValueError(f"--{name} {value} is a file: give a folder (it is created if missing).")
         if self.unet_config is not None and not Path(self.unet_config).exists():
             raise FileNotFoundError(
                 f"--unet_config {self.unet_config} does not exist: give a config.json or its folder."
