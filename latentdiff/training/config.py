@@ -437,7 +437,13 @@ def parse_train_args(argv: list[str] | None = None, prog: str | None = None) -> 
         prog=prog,
         description="Fine-tune a latent text-to-image diffusion model.",
     )
-    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # TrainConfig's own checks: name the file when the value is the file's
+        option = re.match(r"--(\w+)", str(error))
+        if config_file and option and option.group(1) in file_values and option.group(1) not in command_line_options:
+            raise ValueError(f"{config_file}: {error}") from None
+        raise
     if unknown:
         flags = [flag for action in parser._actions for flag in action.option_strings]
         hints = [_unknown_option_hint(flag, flags) for flag in unknown if flag.startswith("-")]
