@@ -85,8 +85,9 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     )
     seed = _run_seed(config, resume_from, accelerator)
     set_seed(seed)  # the global RNG: new weights (--unet_config, LoRA) and dropout; noise: the loop's generator
+    check_output_folder(config)  # on every process: an error on the main one alone would leave the others waiting
     if accelerator.is_main_process:
-        check_output_folder(config)  # makes it
+        output_dir.mkdir(parents=True, exist_ok=True)
         leftovers = remove_leftovers(output_dir) + remove_leftovers(output_dir / "validation")  # of a killed run
         if leftovers:
             logger.info(f"Removed what an interrupted write left: {', '.join(str(p) for p in leftovers)}")

@@ -15,7 +15,7 @@ REPLACED_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenize
 
 def check_output_folder(config: TrainConfig) -> None:
     """Refuse an `--output_dir` whose files a run would wrongly replace or whose result would be read back as data;
-    make it, and check that it takes files, before any work is done."""
+    check that it takes files (or, while it does not exist, that its parent does), before any work is done."""
     output_dir = Path(config.output_dir).resolve()
     for flag, data in (("--train_data_dir", config.train_data_dir), ("--dataset_name", config.dataset_name)):
         if data and Path(data).is_dir() and output_dir.is_relative_to(Path(data).resolve()):
@@ -37,7 +37,6 @@ def check_output_folder(config: TrainConfig) -> None:
                 "empty folder."
             )
     check_writable(output_dir, "--output_dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _holds_a_run(folder: Path) -> bool:
