@@ -58,6 +58,19 @@ STABLE_DIFFUSION_INDEX = {
 }
 
 
+def _check_model_index(path: Path) -> None:
+    """diffusers reads the file itself, and a JSON list or number there failed inside it with a `TypeError`."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # missing or not JSON: diffusers' own error names the file
+    if not isinstance(index, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(index).__name__}, not the pipeline's components: restore the file (or copy "
+            "it from the base model's folder)."
+        )
+
+
 class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
     r"""Text-to-image generation with a latent diffusion model (Stable Diffusion 1.x/2.x layout).
 
@@ -122,6 +135,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             token=kwargs.pop("token", None),
             force_download=kwargs.pop("force_download", False),
         )
+        _check_model_index(Path(folder) / "model_index.json")
         if "unet" not in kwargs:
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # torch_dtype: the deprecated name
             if isinstance(dtype, dict):  # diffusers' per-component dtypes

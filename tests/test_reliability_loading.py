@@ -153,6 +153,14 @@ def test_an_output_folder_that_takes_no_files_is_found_before_training(inputs, t
                           output_dir=str(tmp_path / "out"), resolution=32, report_to="none"))  # fmt: skip
 
 
+def test_a_model_index_that_is_not_a_mapping_is_named(tiny_pipeline_path, tmp_path):
+    """diffusers failed on it with `TypeError: pop expected at most 1 argument`."""
+    folder = variant_of(tiny_pipeline_path, tmp_path / "model")
+    (folder / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"model_index.json holds a JSON list, not the pipeline's components: restore"):
+        LatentDiffusionPipeline.from_pretrained(folder)
+
+
 def test_resuming_a_checkpoint_of_another_model_is_one_line(inputs, tmp_path):
     """A checkpoint of a run from another UNet (here one from --unet_config, wider) names the mismatch and what to
     do, instead of torch's size-mismatch listing."""
