@@ -133,6 +133,8 @@ def _load_imagefolder(folder: Path, cache_dir: str | None, verbose: bool = True)
     """An `imagefolder` data set, after checking what `datasets` would report obscurely (or not at all)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
+    if not os.access(folder, os.R_OK | os.X_OK):  # os.walk would see nothing in it, and say "no images"
+        raise PermissionError(f"--train_data_dir {folder} cannot be read (permission denied): fix its permissions.")
     files = [Path(root) / name for root, _, names in os.walk(folder) for name in names]
     images = {f.resolve() for f in files if f.suffix.lower() in IMAGE_EXTENSIONS}
     if not images:

@@ -149,6 +149,8 @@ def run_demo(
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"Unknown demo preset {preset!r}: choose one of {', '.join(PRESETS)}.")
     config = PRESETS[preset] if isinstance(preset, str) else preset
+    if Path(output_dir).is_file():
+        raise ValueError(f"output_dir {output_dir} is a file: give a folder (it is created if missing).")
     if lora_rank is not None:
         config = dataclasses.replace(config, lora_rank=lora_rank)
     with cache_lock():  # one demo at a time writes the cache

@@ -117,6 +117,16 @@ def test_bad_folders_and_tables_are_named(tmp_path):
         load_image_caption_dataset(dataset_name=str(tmp_path / "no.csv"), cache_dir=str(tmp_path / "c"))
 
 
+def test_an_unreadable_data_folder_says_so(tmp_path, monkeypatch):
+    """os.walk lists nothing in it, which read as "holds no images" (simulated: root reads any folder)."""
+    import latentdiff.data
+
+    folder = write_caption_folder(tmp_path / "data", n=2)
+    monkeypatch.setattr(latentdiff.data.os, "access", lambda path, mode: Path(path) != folder)
+    with pytest.raises(PermissionError, match=r"--train_data_dir .*data cannot be read \(permission denied\)"):
+        load_image_caption_dataset(train_data_dir=str(folder))
+
+
 @pytest.mark.parametrize(
     "mode, expected",
     [

@@ -235,3 +235,10 @@ def test_a_second_demo_waits_for_the_cache(tmp_path, monkeypatch, caplog):
         thread.join(timeout=30)
     assert entered.is_set() and not (tmp_path / ".tmp-base-fp32-a1b2c3d4").exists()
     assert "Waiting for another latentdiff demo" in caplog.text
+
+
+def test_an_output_dir_that_is_a_file_is_named_before_anything_runs(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"output_dir .*notes.txt is a file: give a folder"):
+        run_demo(output_dir=tmp_path / "notes.txt", base_dir=tmp_path / "no-base", data_root=tmp_path / "no-data")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
