@@ -146,6 +146,10 @@ def _check_safetensors(paths: list[Path]) -> None:
             raise ValueError(
                 f"{path} is damaged or truncated ({error}): download or copy the model again."
             ) from None
+        except OSError:  # safetensors reports a file it may not read as "No such file or directory"
+            if not path.exists():
+                raise
+            raise PermissionError(f"{path} exists but cannot be read: check its permissions.") from None
 
 
 def resolve_model_folder(

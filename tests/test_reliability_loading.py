@@ -161,6 +161,19 @@ def test_a_model_index_that_is_not_a_mapping_is_named(tiny_pipeline_path, tmp_pa
         LatentDiffusionPipeline.from_pretrained(folder)
 
 
+def test_an_unreadable_weights_file_is_not_called_missing(tiny_pipeline_path, monkeypatch):
+    """safetensors reports a file it may not read as "No such file or directory" (simulated: root reads any file;
+    checked for real with the permission capabilities dropped)."""
+    import latentdiff.components
+
+    def unreadable(path, framework):
+        raise FileNotFoundError(f"No such file or directory: {path}")
+
+    monkeypatch.setattr(latentdiff.components, "safe_open", unreadable)
+    with pytest.raises(PermissionError, match=r"vae/diffusion_pytorch_model.safetensors exists but cannot be read"):
+        LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+
+
 def test_resuming_a_checkpoint_of_another_model_is_one_line(inputs, tmp_path):
     """A checkpoint of a run from another UNet (here one from --unet_config, wider) names the mismatch and what to
     do, instead of torch's size-mismatch listing."""
