@@ -8,6 +8,7 @@ the caller opts in to pickle files, which can run arbitrary code when unpickled.
 
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,9 @@ def _check_variant(folder: Path, variant: str | None) -> None:
         )
 
 
-def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
-    """Refuse a folder whose model weights are missing or only in pickle formats (unless `allow_pickle`)."""
+def check_weight_files(folder: Path, allow_pickle: bool = False, supplied: Collection[str] = ()) -> None:
+    """Refuse a folder whose parts are missing, or whose weights are damaged or only in pickle formats (unless
+    `allow_pickle`); the parts in `supplied` come from the caller (`from_pretrained(folder, scheduler=...)`)."""
     incomplete = any(not (folder / sub).is_dir() for sub in WEIGHT_FOLDERS)
     if incomplete and (folder / LORA_WEIGHT_NAME).is_file():
         raise FileNotFoundError(
@@ -113,12 +115,12 @@ def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
             "from the run's output folder, or put its UNet into the base pipeline: LatentDiffusionPipeline."
             f"from_pretrained(BASE, unet=UNet2DConditionModel.from_pretrained('{folder / 'unet'}'))."
         )
-    for sub in PIPELINE_FOLDERS:
+    for sub in (sub for sub in PIPELINE_FOLDERS if sub not in supplied):
         if not (folder / sub).is_dir():
             raise FileNotFoundError(
                 f"{folder} has no {sub}/ folder: a text-to-image model folder needs {', '.join(PIPELINE_FOLDERS)}."
             )
-    for sub in WEIGHT_FOLDERS:
+    for sub in (sub for sub in WEIGHT_FOLDERS if sub not in supplied):
         path = folder / sub
         names = sorted(p.name for p in path.iterdir())
         if safetensors := [path / name for name in names if name.endswith(".safetensors")]:
@@ -162,12 +164,14 @@ def resolve_model_folder(
     allow_pickle: bool = False,
     token: str | bool | None = None,
     force_download: bool = False,
+    supplied: Collection[str] = (),
 ) -> Path:
     r"""The local folder of a model: the path itself, or the cached Hub snapshot of the files we need.
 
     Only the five parts are fetched from the Hub (no safety checker, no other variants, pickle files only when
     `allow_pickle`), then the weights are checked with `check_weight_files`. `token` and `force_download` are
     `huggingface_hub.snapshot_download`'s (a private or gated model needs the token, or `hf auth login`).
+    `supplied` names the parts the caller gives instead of the folder's.
 
     Raises:
         `FileNotFoundError`: The name is no local folder and the Hub could not be reached (or has no such model).
@@ -204,7 +208,7 @@ def resolve_model_folder(
                 f"{str(pretrained_model_name_or_path)!r} is not a local folder, and the Hub could not be reached: "
                 f"{type(error).__name__}: {' '.join(str(error).split())}"  # one line: huggingface_hub's have two
             ) from error
-    check_weight_files(folder, allow_pickle)
+    check_weight_files(folder, allow_pickle, supplied)
     _check_variant(folder, variant)
     return folder
 

@@ -33,6 +33,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from latentdiff.acceleration import compile_pipeline
 from latentdiff.components import (
+    PIPELINE_FOLDERS,
     from_unet_latents,
     load_unet,
     resolve_model_folder,
@@ -134,6 +135,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             allow_pickle=allow_pickle,
             token=kwargs.pop("token", None),
             force_download=kwargs.pop("force_download", False),
+            supplied=[name for name in PIPELINE_FOLDERS if kwargs.get(name) is not None],
         )
         _check_model_index(Path(folder) / "model_index.json")
         if "unet" not in kwargs:

@@ -180,13 +180,40 @@ def test_killed_while_the_final_pipeline_is_swapped_in_leaves_no_mix(reference, 
     assert not (output_dir / "model_index.json").exists() and not (output_dir / "README.md").exists()
     aside = {p.name.rsplit("-", 1)[0] for p in output_dir.glob(".old-*")}
     assert aside == {".old-model_index.json", ".old-unet", ".old-vae", ".old-text_encoder", ".old-tokenizer",
-                     ".old-scheduler", ".old-README.md", ".old-training_config.json"}  # fmt: skip
+                     ".old-scheduler", ".old-README.md"}  # fmt: skip
     old_unet = next(output_dir.glob(".old-unet-*")) / "diffusion_pytorch_model.safetensors"
     assert_same_weights(old_unet, reference_dir / UNET)
     train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))  # checkpoint-6: the last step
     assert not list(output_dir.glob(".old-*")) and not list(output_dir.glob(".tmp-*"))
     assert not (output_dir / f"checkpoint-{STEPS + 1}").exists()  # resuming a finished run trains no further step
     assert_ends_like(output_dir, reference_dir)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_run_stopped_while_saving_before_any_checkpoint_runs_again_in_its_folder(reference, tmp_path, monkeypatch,
+                                                                                     lora):  # fmt: skip
+    """training_config.json marks a folder as a run's (a folder holding unet/ or README.md without it is refused as
+    someone else's): it is written before the pipeline or the adapters, so a run stopped while saving them, with no
+    checkpoint yet, is taken again."""
+    pipeline, data, _ = reference
+    output_dir = tmp_path / "out"
+    config = config_for(pipeline, data, output_dir, max_train_steps=1, checkpointing_steps=100,
+                        **({"lora_rank": 4} if lora else {}))  # fmt: skip
+    stop_at = output_dir / ("pytorch_lora_weights.safetensors" if lora else "scheduler")
+
+    def replace(source, target):
+        if Path(target) == stop_at:
+            raise Killed
+        return original_replace(source, target)
+
+    original_replace = os.replace
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        train(config)
+    monkeypatch.undo()
+    assert (output_dir / "training_config.json").is_file() and not list_checkpoints(output_dir)
+    train(config)
+    assert (output_dir / stop_at.name).exists() and (output_dir / "README.md").is_file()
 
 
 def test_atomic_file_replaces_whole_or_not_at_all_and_writes_an_ordinary_file(tmp_path):

@@ -174,6 +174,19 @@ def test_an_unreadable_weights_file_is_not_called_missing(tiny_pipeline_path, mo
         LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
 
 
+def test_a_part_missing_from_the_folder_may_be_given_by_the_caller(tiny_pipeline_path, tmp_path):
+    """All five parts are required (a folder without tokenizer/ used to load and crash at the first step), except
+    those passed to `from_pretrained` instead of the folder's."""
+    from diffusers import DDIMScheduler
+
+    folder = variant_of(tiny_pipeline_path, tmp_path / "model")
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    shutil.rmtree(folder / "scheduler")
+    with pytest.raises(FileNotFoundError, match=r"model has no scheduler/ folder: a text-to-image model folder needs"):
+        LatentDiffusionPipeline.from_pretrained(folder)
+    assert LatentDiffusionPipeline.from_pretrained(folder, scheduler=scheduler).scheduler is scheduler
+
+
 def test_resuming_a_checkpoint_of_another_model_is_one_line(inputs, tmp_path):
     """A checkpoint of a run from another UNet (here one from --unet_config, wider) names the mismatch and what to
     do, instead of torch's size-mismatch listing."""

@@ -55,6 +55,8 @@ def save_trained(
     if accelerator.is_main_process:
         trained_unet, trained_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
         final = _final_pipeline(config, models, trained_unet, trained_text_encoder, unet_state)
+        # first: it marks the folder as a run's (output_folder.py), also if the run is stopped while saving below
+        atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
         if lora:
             with disk_full_explained(output_dir, "the LoRA adapters", full_disk_advice(output_dir)):
                 saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
@@ -63,10 +65,7 @@ def save_trained(
             with atomic_entries(output_dir, "model_index.json", stale=("README.md",)) as tmp:
                 with disk_full_explained(output_dir, "the trained pipeline", full_disk_advice(output_dir), partial=tmp):
                     final.save_pretrained(tmp)
-                    (tmp / "training_config.json").write_text(json.dumps(options, indent=2))  # marks a run's folder
             saved = output_dir
-        if lora:
-            atomic_write_text(output_dir / "training_config.json", json.dumps(options, indent=2))
         images = []
         if config.validation_prompts:
             paths = validate(final.to(accelerator.device), None, config, run.seed, run.global_step, accelerator)
