@@ -362,7 +362,8 @@ def test_disk_full_while_writing_the_final_pipeline_says_so_and_loses_nothing(re
 
     assert error.value.errno == errno.ENOSPC
     assert f"checkpoint-{STEPS - 1}, checkpoint-{STEPS} are intact" in str(error.value)
-    assert sorted(p.name for p in output_dir.iterdir()) == [f"checkpoint-{n}" for n in range(1, STEPS + 1)]
+    checkpoints = [f"checkpoint-{n}" for n in range(1, STEPS + 1)]  # and no partial pipeline; the config is written
+    assert sorted(p.name for p in output_dir.iterdir()) == [*checkpoints, "training_config.json"]  # first: a run's
     train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))
     assert not (output_dir / f"checkpoint-{STEPS + 1}").exists()
     assert_ends_like(output_dir, reference_dir)
