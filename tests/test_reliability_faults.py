@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,18 @@ OPTIONS = dict(
 
 class Killed(BaseException):
     """Stands for SIGKILL inside this process: nothing catches it, nothing after it runs in the loop."""
+
+
+def kill_at_rename(monkeypatch, chosen: Callable[[Path, Path], bool]) -> None:
+    """`os.replace` raises `Killed` at the rename `chosen(source, target)` picks: the process dies right there."""
+    original_replace = os.replace
+
+    def replace(source, target):
+        if chosen(Path(source), Path(target)):
+            raise Killed
+        return original_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
 
 
 def config_for(pipeline: Path, data: Path, output_dir: Path, **overrides) -> TrainConfig:
@@ -139,14 +152,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp
         original_save_file = checkpoint_module.save_file
         monkeypatch.setattr(checkpoint_module, "save_file", save_file)
     else:  # complete, training_state.json written, not yet renamed
-
-        def replace(source, target):
-            if Path(source) == partial:
-                raise Killed
-            return original_replace(source, target)
-
-        original_replace = os.replace
-        monkeypatch.setattr(os, "replace", replace)
+        kill_at_rename(monkeypatch, lambda source, target: source == partial)
     with pytest.raises(Killed):
         train(config_for(pipeline, data, output_dir))
     monkeypatch.undo()
@@ -165,14 +171,8 @@ def test_killed_while_the_final_pipeline_is_swapped_in_leaves_no_mix(reference, 
     pipeline, data, reference_dir = reference
     output_dir = tmp_path / "out"
     shutil.copytree(reference_dir, output_dir)
-
-    def replace(source, target):
-        if Path(target) == output_dir / "unet" and Path(source).parent.name.startswith(".tmp-entries-"):
-            raise Killed
-        return original_replace(source, target)
-
-    original_replace = os.replace
-    monkeypatch.setattr(os, "replace", replace)
+    kill_at_rename(monkeypatch, lambda source, target: target == output_dir / "unet"
+                   and source.parent.name.startswith(".tmp-entries-"))  # fmt: skip
     with pytest.raises(Killed):
         train(config_for(pipeline, data, output_dir, resume_from_checkpoint="checkpoint-4"))
     monkeypatch.undo()
@@ -200,14 +200,7 @@ def test_a_run_stopped_while_saving_before_any_checkpoint_runs_again_in_its_fold
     config = config_for(pipeline, data, output_dir, max_train_steps=1, checkpointing_steps=100,
                         **({"lora_rank": 4} if lora else {}))  # fmt: skip
     stop_at = output_dir / ("pytorch_lora_weights.safetensors" if lora else "scheduler")
-
-    def replace(source, target):
-        if Path(target) == stop_at:
-            raise Killed
-        return original_replace(source, target)
-
-    original_replace = os.replace
-    monkeypatch.setattr(os, "replace", replace)
+    kill_at_rename(monkeypatch, lambda source, target: target == stop_at)
     with pytest.raises(Killed):
         train(config)
     monkeypatch.undo()
