@@ -191,9 +191,11 @@ def _move_aside(path: Path, prefix: str = ".old-") -> Path:
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
-    """Fail now, with what to do, if ``folder`` (or, while it does not exist, the folder it would be made in) takes
-    no files: before hours of work whose result would then have nowhere to go."""
+    """Fail now, with what to do, if ``folder`` is a file, or if it (while it does not exist: the folder it would be
+    made in) takes no files: before hours of work whose result would then have nowhere to go."""
     folder = Path(folder).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} is a file: give a folder (it is created if missing).")
     existing = next(path for path in (folder, *folder.parents) if path.exists())
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")

@@ -230,19 +230,28 @@ def load_unet(
         raise ValueError(f"{Path(folder) / 'unet' / 'config.json'}: {error}") from error
 
 
+def load_matching_state_dict(
+    model: torch.nn.Module, state_dict: dict, mismatch: str, advice: str, assign: bool = False
+) -> None:
+    """`model.load_state_dict(state_dict)` where torch's error, a listing of every mismatched key, becomes one
+    `ValueError`: `mismatch` (what it means here), the first difference, and `advice`."""
+    try:
+        model.load_state_dict(state_dict, assign=assign)
+    except RuntimeError as error:
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(f"{mismatch} ({first[:150]}...): {advice}") from None
+
+
 def unet_sharing_weights(unet: torch.nn.Module) -> UNet2DConditionModel:
     """Our UNet on the weight tensors of another UNet with the same config and keys (diffusers'): no copy, so both
     see later in-place changes. Adapters or other added modules must be fused and unloaded from it first."""
     with init_empty_weights():
         ours = UNet2DConditionModel.from_config(unet.config)
-    try:
-        ours.load_state_dict(unet.state_dict(), assign=True)
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise ValueError(
-            f"The {type(unet).__name__}'s weights are not those of a plain UNet ({first_line}): fuse and unload its "
-            "LoRA adapters first (fuse_lora(), unload_lora_weights()), or pass unet= yourself."
-        ) from None
+    load_matching_state_dict(
+        ours, unet.state_dict(), f"The {type(unet).__name__}'s weights are not those of a plain UNet",
+        "fuse and unload its LoRA adapters first (fuse_lora(), unload_lora_weights()), or pass unet= yourself.",
+        assign=True,
+    )  # fmt: skip
     return ours.to(device=unet.device, dtype=unet.dtype).train(unet.training)
 
 

@@ -23,7 +23,7 @@ import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from PIL import Image
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, check_writable
 from .base import BaseConfig, build_base, emoji_train_config, load_base
 from .cache import cache_lock
 from .emoji import EmojiDataset, load_images, on_white, prepare_emoji_dataset, read_split
@@ -149,8 +149,7 @@ def run_demo(
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"Unknown demo preset {preset!r}: choose one of {', '.join(PRESETS)}.")
     config = PRESETS[preset] if isinstance(preset, str) else preset
-    if Path(output_dir).is_file():
-        raise ValueError(f"output_dir {output_dir} is a file: give a folder (it is created if missing).")
+    check_writable(output_dir, "output_dir")
     if lora_rank is not None:
         config = dataclasses.replace(config, lora_rank=lora_rank)
     with cache_lock():  # one demo at a time writes the cache

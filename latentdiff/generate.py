@@ -236,8 +236,6 @@ def generate_images(
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 10**6:
         raise ValueError(f"seed must be an integer from 0 to {2**63 - 10**6 - 1}, got {seed!r}.")
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output_dir {output_dir} is a file: give a folder (it is created if missing).")
     check_writable(output_dir, "output_dir")  # before sampling, not at the first PNG
     source = None if lora is None else lora_source(lora)
     # float32 unless asked: left to the libraries, a folder stored in fp16 loads as a mix (transformers keeps the

@@ -17,12 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import disk_full_explained, remove_folder, replace_folder
+from ..components import load_matching_state_dict
 from ..models import UNet2DConditionModel
 from .ema import EMAModel
 from .lora import LORA_WEIGHT_NAME, load_lora, save_lora
@@ -139,7 +139,11 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
                         + ("this checkpoint holds LoRA adapters: resume it with the --lora_rank it was trained with."
                            if lora_run else "the checkpoint is incomplete or was not written by latentdiff.")
                     )  # fmt: skip
-                _load_same_shapes(model, type(model).from_pretrained(folder), folder)
+                load_matching_state_dict(
+                    model, type(model).from_pretrained(folder).state_dict(), f"{folder} holds another model than "
+                    "this run's", "resume with the --pretrained_model_name_or_path / --unet_config of the run that "
+                    "saved it, or train into a new --output_dir.",
+                )  # fmt: skip
         if ema is not None:
             path = Path(input_dir) / EMA_FILE
             if not path.is_file():
@@ -154,19 +158,6 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _load_same_shapes(model: torch.nn.Module, saved: torch.nn.Module, folder: Path) -> None:
-    """Load a checkpoint's model into the run's, which must be built alike (the same base model or --unet_config)."""
-    try:
-        model.load_state_dict(saved.state_dict())
-    except RuntimeError as error:
-        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
-        raise ValueError(
-            f"{folder} holds another model than this run's ({first[:150]}...): resume with the "
-            "--pretrained_model_name_or_path / --unet_config of the run that saved it, or train into a new "
-            "--output_dir."
-        ) from None
 
 
 def save_checkpoint(

@@ -384,7 +384,11 @@ class TrainArgumentParser(OneLineErrors, HfArgumentParser):
         if not match:
             return False
         name, rejected = _option_name(match.group(1)), next(value for value in match.groups()[1:] if value is not None)
-        return name not in self.command_line_options and self.file_values.get(name) == rejected
+        return self.set_by_file(name) and self.file_values[name] == rejected
+
+    def set_by_file(self, name: str) -> bool:
+        """Whether the config file sets option `name` and the command line does not set it again."""
+        return name in self.file_values and name not in self.command_line_options
 
 
 # Options of diffusers' training scripts that are not ours, with what to do instead.
@@ -441,7 +445,7 @@ def parse_train_args(argv: list[str] | None = None, prog: str | None = None) -> 
         config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # TrainConfig's own checks: name the file when the value is the file's
         option = re.match(r"--(\w+)", str(error))
-        if config_file and option and option.group(1) in file_values and option.group(1) not in command_line_options:
+        if option and parser.set_by_file(option.group(1)):
             raise ValueError(f"{config_file}: {error}") from None
         raise
     if unknown:
