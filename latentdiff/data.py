@@ -83,6 +83,12 @@ def load_image_caption_dataset(
             TABLE_LOADERS[path.suffix.lower()], data_files=str(path), split="train", cache_dir=cache_dir
         )
         base_dir = path.resolve().parent
+    elif Path(dataset_name).is_file():  # would be looked up on the Hub, and "not found" there
+        raise ValueError(
+            f"--dataset_name {dataset_name} is a {Path(dataset_name).suffix or 'suffix-less'} file: it takes a Hub "
+            "data set id, a data set folder (save_to_disk or parquet shards), or a .csv or .parquet table; images "
+            "with a metadata.jsonl: give their folder as --train_data_dir."
+        )
     elif _is_saved_to_disk(Path(dataset_name)):
         dataset = _train_split(datasets.load_from_disk(dataset_name), source)
     else:

@@ -126,6 +126,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         """
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs["dtype"] = torch.float32
+        for name in ("dtype", "torch_dtype"):  # diffusers loads float32 for a string, with a warning only
+            if not isinstance(kwargs.get(name, torch.float32), (torch.dtype, dict)):
+                raise ValueError(f"{name} must be a torch.dtype such as torch.float16 (or a dict of them by "
+                                 f"component), got {kwargs[name]!r}.")  # fmt: skip
         folder = resolve_model_folder(
             pretrained_model_name_or_path,
             revision=kwargs.pop("revision", None),

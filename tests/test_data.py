@@ -115,6 +115,9 @@ def test_bad_folders_and_tables_are_named(tmp_path):
         load_image_caption_dataset(dataset_name=str(tmp_path / "t.csv"), cache_dir=str(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match=r"no.csv does not exist: --dataset_name takes a Hub data set id"):
         load_image_caption_dataset(dataset_name=str(tmp_path / "no.csv"), cache_dir=str(tmp_path / "c"))
+    (tmp_path / "t.jsonl").write_text('{"image": "missing.png", "text": "a cat"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl is a .jsonl file: it takes .* a .csv or .parquet table; .*--train_data_dir"):
+        load_image_caption_dataset(dataset_name=str(tmp_path / "t.jsonl"), cache_dir=str(tmp_path / "c"))
 
 
 def test_an_unreadable_data_folder_says_so(tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ from test_data import write_caption_folder
 from test_training import Recorder, assert_same_weights, make_config, run_straight_and_resumed
 
 import latentdiff.training.models as training_models
+from latentdiff.models import UNet2DConditionModel
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.training import TrainConfig, train
+from latentdiff.training.lora import add_lora_adapters
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PROMPT = "a red square"
@@ -173,6 +175,15 @@ def test_unknown_target_module_is_named(tiny_pipeline_path, tmp_path):
     config = make_config(tiny_pipeline_path, data, tmp_path / "out", lora_rank=2, lora_target_modules=["to_qq"])
     with pytest.raises(ValueError, match=r"--lora_target_modules to_qq: .*to_q, to_k, to_v and to_out.0"):
         train(config)
+
+
+def test_a_rank_beyond_the_adapted_layers_is_named(tiny_pipeline_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path / "unet").requires_grad_(False)
+    widest = max(unet.config.block_out_channels)  # the attention projections are channels × channels
+    with pytest.raises(ValueError, match=rf"--lora_rank 100000 is more than .* = {widest}\): .* 4 to 128"):
+        add_lora_adapters(unet, None, rank=100000)  # peft builds it (a big enough rank fails allocating, with a traceback)
+    add_lora_adapters(unet, None, rank=widest)
+    assert {module.lora_A["default"].out_features for name, module in unet.named_modules() if name.endswith("to_q")} == {widest}
 
 
 @pytest.mark.parametrize(

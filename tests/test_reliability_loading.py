@@ -83,7 +83,7 @@ def inputs(tiny_pipeline_path, tmp_path_factory) -> dict[str, Path]:
 
 ARGUMENT_CASES = {
     "batch size 0": (["--train_batch_size", "0"], r"--train_batch_size must be an integer ≥ 1, got 0"),
-    "resolution 36": (["--resolution", "36"], r"--resolution must be a positive multiple of 8, got 36"),
+    "resolution 36": (["--resolution", "36"], r"--resolution must be a positive multiple of 8, at most 8192 .*, got 36"),
     "missing checkpoint": (["--resume_from_checkpoint", "checkpoint-7"], r"checkpoint-7 does not exist"),
     "output_dir is a file": (["--output_dir", "{root}/a-file"], r"--output_dir .*a-file is a file"),
     "another run's checkpoints": (["--output_dir", "{root}/earlier-run"],
@@ -159,6 +159,15 @@ def test_a_model_index_that_is_not_a_mapping_is_named(tiny_pipeline_path, tmp_pa
     (folder / "model_index.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"model_index.json holds a JSON list, not the pipeline's components: restore"):
         LatentDiffusionPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["dtype", "torch_dtype"])
+def test_a_dtype_name_is_refused_not_loaded_as_float32(tiny_pipeline_path, name):
+    """diffusers loads every part in float32 for `torch_dtype="fp16"`, with a warning only."""
+    with pytest.raises(ValueError, match=rf"{name} must be a torch.dtype such as torch.float16 .*, got 'fp16'"):
+        LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path, **{name: "fp16"})
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path, **{name: {"default": torch.bfloat16}})
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.bfloat16}
 
 
 def test_an_unreadable_weights_file_is_not_called_missing(tiny_pipeline_path, monkeypatch):

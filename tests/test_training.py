@@ -222,6 +222,16 @@ def test_resuming_with_other_image_or_order_settings_warns(tmp_path, caplog, sav
     assert changed is None or changed in caplog.text
 
 
+@pytest.mark.parametrize("batch, warned", [(4, False), (5, True)])
+def test_a_batch_larger_than_the_data_set_warns(tiny_pipeline_path, caption_folder, tmp_path, caplog, batch, warned):
+    """The log's "batch 5" would otherwise be the only word on a run whose batches hold 4."""
+    with caplog.at_level("WARNING"):
+        train(make_config(tiny_pipeline_path, caption_folder, tmp_path / "out", max_train_steps=1, max_train_samples=4,
+                          train_batch_size=batch))  # fmt: skip
+    expected = f"--train_batch_size {batch} is more than the 4 examples each process has: every batch holds just those 4"
+    assert (expected in caplog.text) == warned
+
+
 def test_resuming_with_other_ema_settings_warns_and_uses_them(tiny_pipeline_path, caption_folder, tmp_path, caplog):
     out, options = tmp_path / "out", dict(use_ema=True, checkpointing_steps=1, max_train_samples=4)
     train(make_config(tiny_pipeline_path, caption_folder, out, max_train_steps=1, ema_decay=0.9, **options))
@@ -251,6 +261,18 @@ def test_resuming_with_other_optimizer_settings_warns_and_records_the_ones_in_us
     saved = json.loads((out / "training_config.json").read_text())
     assert (saved["learning_rate"], saved["adam_beta2"]) == (pytest.approx(1e-3), pytest.approx(0.999))
     assert "- learning_rate: 0.001\n" in (out / "README.md").read_text()
+
+
+def test_resuming_with_scale_lr_and_another_batch_names_the_scaled_rates(tiny_pipeline_path, caption_folder, tmp_path,
+                                                                        caplog):  # fmt: skip
+    """--learning_rate itself is unchanged: the scaled rate it would give is not applied."""
+    out, options = tmp_path / "out", dict(checkpointing_steps=1, max_train_samples=4, scale_lr=True)
+    train(make_config(tiny_pipeline_path, caption_folder, out, max_train_steps=1, **options))  # batch 2: rate 2e-3
+    with caplog.at_level("WARNING"):
+        train(make_config(tiny_pipeline_path, caption_folder, out, max_train_steps=2, resume_from_checkpoint="latest",
+                          train_batch_size=4, **options))  # fmt: skip
+    assert "--learning_rate 0.001 × 4 (--scale_lr) not applied" in caplog.text
+    assert "checkpoint's learning_rate 0.002." in caplog.text
 
 
 def test_cache_latents_gives_the_same_trajectory(tiny_pipeline_path, caption_folder, tmp_path):
@@ -426,7 +448,9 @@ def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(tmp_path, cap
     "overrides, error, message",
     [
         (dict(train_batch_size=0), ValueError, r"--train_batch_size must be an integer ≥ 1, got 0"),
-        (dict(resolution=30), ValueError, r"--resolution must be a positive multiple of 8, got 30"),
+        (dict(resolution=30), ValueError, r"--resolution must be a positive multiple of 8, at most 8192 .*, got 30"),
+        (dict(resolution=8200), ValueError, r"--resolution must be .* at most 8192 .*, got 8200"),
+        (dict(dataloader_num_workers=10**6), ValueError, r"--dataloader_num_workers 1000000 is more than 4 per CPU core"),
         (dict(train_data_dir=None), ValueError, r"Give the training data"),
         (dict(cache_latents=True), ValueError, r"--cache_latents .* pass --center_crop"),
         (dict(report_to="tensorbored"), ValueError, r"unknown tracker\(s\) \['tensorbored'\]"),
@@ -434,7 +458,10 @@ def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(tmp_path, cap
         (dict(use_ema="False"), ValueError, r"--use_ema must be True or False, got 'False'"),
         (dict(train_batch_size="2"), ValueError, r"--train_batch_size must be an integer, got '2'"),
         (dict(seed=1.5), ValueError, r"--seed must be an integer, got 1.5"),
-        (dict(seed=2**32), ValueError, r"--seed must be an integer from 0 to 2\*\*32 - 1, got 4294967296"),
+        (dict(seed=2**32), ValueError, r"--seed must be at most 4294967295 \(2\*\*32 - 1\), got 4294967296"),
+        (dict(seed=-1), ValueError, r"--seed must be an integer from 0 to 2\*\*32 - 1, got -1"),
+        (dict(train_batch_size=10**20), ValueError, r"--train_batch_size must be at most 4294967295 .*, got 10{20}"),
+        (dict(ddp_timeout=10**20), ValueError, r"--ddp_timeout must be at most 4294967295"),
         (dict(adam_beta2=1.0), ValueError, r"--adam_beta2 must be ≥ 0 and < 1 .*, got 1.0"),
         (dict(learning_rate=-1e-4), ValueError, r"--learning_rate must be a number > 0"),
         (dict(max_grad_norm=0), ValueError, r"--max_grad_norm must be a number > 0"),

@@ -7,6 +7,7 @@ exactly once. Names follow diffusers' `examples/text_to_image/train_text_to_imag
 
 import dataclasses
 import difflib
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from .config_types import check_field_types
 from .lora import UNET_TARGET_MODULES
 
 # diffusers' get_scheduler names, less piecewise_constant (it needs step rules, which no flag gives)
+# 64 megapixels, far beyond SD's 512-1024: one 128-channel VAE activation of such an image is 17 GB in bf16 already
+LARGEST_RESOLUTION = 8192
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules")  # meaningful only with --lora_rank
 EMA_FIELDS = ("ema_decay", "ema_min_decay", "ema_update_after_step", "ema_use_warmup", "ema_inv_gamma", "ema_power",
@@ -271,15 +274,20 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be ≥ 0 and < 1 (AdamW's defaults: 0.9, 0.999), got {beta!r}.")
         self._check_lora()
         self._check_companions()
-        if self.seed is not None and not 0 <= self.seed < 2**32:  # numpy's seeds, which `set_seed` sets too
+        if self.seed is not None and self.seed < 0:  # numpy's seeds (up to LARGEST_INT), which `set_seed` sets too
             raise ValueError(f"--seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}.")
         if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
             raise ValueError(f"--snr_gamma must be > 0 (5.0 is recommended), got {self.snr_gamma!r}.")
         for name in PATH_FIELDS:
             if (value := getattr(self, name)) is not None and not value.strip():  # "" would mean the current folder
                 raise ValueError(f"--{name} is empty: give a path (or leave the option out).")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}.")
+        if not 8 <= self.resolution <= LARGEST_RESOLUTION or self.resolution % 8:
+            raise ValueError(f"--resolution must be a positive multiple of 8, at most {LARGEST_RESOLUTION} (SD 1.x "
+                             f"trains at 512, 2.x at 768), got {self.resolution!r}.")  # fmt: skip
+        if self.dataloader_num_workers > (workers := 4 * (os.cpu_count() or 1)):
+            raise ValueError(f"--dataloader_num_workers {self.dataloader_num_workers} is more than 4 per CPU core "
+                             f"({workers} here): each worker is a process with its own memory; 0 to "
+                             f"{os.cpu_count() or 1} is usual.")  # fmt: skip
         if self.dataset_name is None and self.train_data_dir is None:
             raise ValueError("Give the training data: --dataset_name (Hub id, file or folder) or --train_data_dir.")
         if self.cache_latents and (not self.center_crop or self.random_flip):

@@ -11,6 +11,10 @@ import types
 import typing
 from typing import Any, Literal
 
+# The largest integer option taken: counts beyond it overflow C integers deep in torch, numpy or datetime (with a
+# traceback that names no option), and it is also the largest seed numpy takes.
+LARGEST_INT = 2**32 - 1
+
 
 def check_field_types(config: Any) -> None:
     """Check every field of the dataclass `config` against its annotation, in place, with the harmless
@@ -42,6 +46,8 @@ def _checked(name: str, value: Any, annotation: Any) -> Any:
         raise ValueError(f"--{name} must be True or False, got {value!r}.")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"--{name} must be an integer, got {value!r}.")
+    if annotation is int and value > LARGEST_INT:
+        raise ValueError(f"--{name} must be at most {LARGEST_INT} (2**32 - 1), got {value!r}.")
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"--{name} must be a number, got {value!r}.")

@@ -142,6 +142,12 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
         f"Training on {len(dataset)} examples: {accelerator.num_processes} process(es) × batch "
         f"{config.train_batch_size} × {accum} accumulation, {max_train_steps} steps ({num_epochs} epochs), seed {seed}."
     )
+    if (per_process := math.ceil(len(dataset) / accelerator.num_processes)) < config.train_batch_size:
+        logger.warning(
+            f"--train_batch_size {config.train_batch_size} is more than the {per_process} examples each process has: "
+            f"every batch holds just those {per_process}, and --learning_rate (with --scale_lr) is meant for the "
+            "larger batch."
+        )
 
     # 6. The loop
     generator = torch.Generator(device=accelerator.device)
@@ -301,15 +307,17 @@ def _optimizer_options_in_use(
     state, and the schedule's base rate, as in diffusers' script: options given now that differ are not applied. A
     warning names them, and the card, `training_config.json` and the trackers get the values in use.
     """
-    group = optimizer.param_groups[0]
-    in_use = {"learning_rate": group.get("initial_lr", group["lr"]) / lr_scale(config, num_processes),
+    group, scale = optimizer.param_groups[0], lr_scale(config, num_processes)
+    in_use = {"learning_rate": group.get("initial_lr", group["lr"]) / scale,
               "adam_beta1": group["betas"][0], "adam_beta2": group["betas"][1],
               "adam_weight_decay": group["weight_decay"], "adam_epsilon": group["eps"]}  # fmt: skip
     ignored = {k: float(v) for k, v in in_use.items() if not math.isclose(v, getattr(config, k), rel_tol=1e-6)}
     if not ignored:
         return config
-    given = ", ".join(f"--{k} {getattr(config, k)}" for k in ignored)
-    kept = ", ".join(f"{k} {v:g}" for k, v in ignored.items())
+    # With --scale_lr the rates compared are the scaled ones: a new batch size changes the rate without a new option
+    scaled = f" × {scale} (--scale_lr)" if scale > 1 else ""
+    given = ", ".join(f"--{k} {getattr(config, k)}{scaled if k == 'learning_rate' else ''}" for k in ignored)
+    kept = ", ".join(f"{k} {v * (scale if k == 'learning_rate' else 1):g}" for k, v in ignored.items())
     logger.warning(f"{given} not applied: the resumed optimizer and learning-rate schedule keep the checkpoint's "
                    f"{kept}. To change them, start a new run from the trained pipeline.")  # fmt: skip
     return dataclasses.replace(config, **ignored)

@@ -50,6 +50,12 @@ def add_lora_adapters(
         dropout (`float`, *optional*, defaults to 0.0): Dropout on the adapters' input.
         target_modules (`Sequence[str]`, *optional*): UNet module names (or name endings) that get adapters.
     """
+    full_rank = _largest_full_rank(unet, target_modules)
+    if full_rank is not None and rank > full_rank:  # and a huge rank would fail allocating, with a traceback
+        raise ValueError(
+            f"--lora_rank {rank} is more than the widest adapted layer's rank (min(in, out) = {full_rank}): an update "
+            "of that rank is no longer low-rank; 4 to 128 is usual."
+        )
     settings = dict(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, init_lora_weights="gaussian")
     try:
         unet.add_adapter(LoraConfig(target_modules=list(target_modules), **settings))
@@ -63,6 +69,15 @@ def add_lora_adapters(
         text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGET_MODULES), **settings))
         models.append(text_encoder)
     cast_training_params(models, dtype=torch.float32)
+
+
+def _largest_full_rank(model: nn.Module, target_modules: Sequence[str]) -> int | None:
+    """The largest rank a weight of the layers `target_modules` names can have (peft's matching: the whole name or
+    its ending); `None` when none matches, which peft reports itself."""
+    ranks = [min(module.weight.shape[0], module.weight[0].numel()) for name, module in model.named_modules()
+             if isinstance(getattr(module, "weight", None), torch.Tensor)
+             and any(name == target or name.endswith(f".{target}") for target in target_modules)]  # fmt: skip
+    return max(ranks, default=None)
 
 
 def _lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
