@@ -223,7 +223,7 @@ def test_captions_lists_and_dropout():
     assert pick_caption("x", rng, dropout=1.0) == ""
     dropped = sum(pick_caption("x", rng, dropout=0.3) == "" for _ in range(2000))
     assert 450 < dropped < 750
-    assert pick_caption(None, rng) == ""
+    assert pick_caption(None, rng) == "" and pick_caption([], rng) == ""
     with pytest.raises(ValueError, match="caption must be a string"):
         pick_caption(3, rng)
 

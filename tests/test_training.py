@@ -288,6 +288,20 @@ def test_cache_latents_gives_the_same_trajectory(tiny_pipeline_path, caption_fol
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
 
 
+def test_data_loader_workers_give_the_same_run(tiny_pipeline_path, tmp_path):
+    """Each example is a function of seed, epoch and row, not of the process that makes it: worker processes
+    (which fork the data set and its transforms) change nothing, straight or resumed mid-epoch."""
+    data = write_caption_folder(tmp_path / "data", n=6)
+    options = dict(random_flip=True, caption_dropout=0.3, train_batch_size=2, checkpointing_steps=2)
+    recorders = {workers: Recorder() for workers in (0, 2)}
+    for workers, recorder in recorders.items():
+        train(make_config(tiny_pipeline_path, data, tmp_path / f"w{workers}", max_train_steps=4,
+                          dataloader_num_workers=workers, **options), [recorder])  # fmt: skip
+    assert recorders[0].logs == recorders[2].logs
+    assert_same_weights(*(weights(tmp_path / f"w{workers}" / UNET_WEIGHTS) for workers in (0, 2)))
+    run_straight_and_resumed(tiny_pipeline_path, data, tmp_path / "resume", dataloader_num_workers=2, **options)
+
+
 def test_options_text_encoder_v_prediction_cosine_bf16(tiny_pipeline_path, caption_folder, tmp_path):
     """The saved pipeline records what was trained: text encoder weights, prediction type, schedule; frozen parts
     are saved as they were loaded (fp32), not as their bf16 training copies."""
@@ -683,25 +697,26 @@ def test_loss_parts_match_diffusers(prediction_type):
     assert losses[0] == losses[1] and torch.isfinite(losses[0])
 
 
-@pytest.mark.parametrize("snr_gamma", [None, 5.0])
-def test_diffusion_loss_is_its_formula_on_the_same_draws(snr_gamma):
+@pytest.mark.parametrize("snr_gamma, dtype", [(None, torch.float32), (5.0, torch.float32), (5.0, torch.bfloat16)])
+def test_diffusion_loss_is_its_formula_on_the_same_draws(snr_gamma, dtype):
     """Rebuild ε (with offset noise), ξ and t from the generator in the loss's order: the UNet must see
-    add_noise(x₀, ε + γξ, t) and the loss must be the (min-SNR-weighted) MSE against ε itself, not ε + γξ."""
+    add_noise(x₀, ε + γξ, t) and the loss must be the (min-SNR-weighted) MSE against ε itself, not ε + γξ. In bf16
+    the offset is drawn in float32 and added into ε, as diffusers' script does (bit for bit)."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear")
-    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
     seen = []
     unet = lambda x, t, c, return_dict: (seen.append(x) or torch.zeros_like(x),)  # noqa: E731
     loss = diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(5), snr_gamma,
                           noise_offset=0.1, input_perturbation=0.2)  # fmt: skip
 
     draws = torch.Generator().manual_seed(5)
-    noise = torch.randn(latents.shape, generator=draws)
-    noise = noise + 0.1 * torch.randn((3, 4, 1, 1), generator=draws)  # offset noise, per image and channel
-    xi = torch.randn(latents.shape, generator=draws)
+    noise = torch.randn(latents.shape, generator=draws, dtype=dtype)
+    noise += 0.1 * torch.randn((3, 4, 1, 1), generator=draws)  # offset noise, per image and channel
+    xi = torch.randn(latents.shape, generator=draws, dtype=dtype)
     timesteps = torch.randint(0, 1000, (3,), generator=draws)
-    torch.testing.assert_close(seen[0], scheduler.add_noise(latents, noise + 0.2 * xi, timesteps))
+    torch.testing.assert_close(seen[0], scheduler.add_noise(latents, noise + 0.2 * xi, timesteps), rtol=0, atol=0)
     per_example = (noise**2).mean(dim=(1, 2, 3))  # the prediction is 0: the error is the target ε
     weights = torch.ones(3) if snr_gamma is None else min_snr_weights(scheduler, timesteps, snr_gamma)
     assert not torch.allclose(weights, torch.ones(3)) or snr_gamma is None

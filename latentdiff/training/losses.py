@@ -92,8 +92,8 @@ def diffusion_loss(
     batch, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)  # ε
     if noise_offset:
-        offset = torch.randn((batch, channels, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-        noise = noise + noise_offset * offset
+        # drawn in float32 and added into ε's dtype, as diffusers' script: the same ε bit for bit under fp16/bf16
+        noise += noise_offset * torch.randn((batch, channels, 1, 1), generator=generator, device=latents.device)
     model_noise = noise
     if input_perturbation:
         xi = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
