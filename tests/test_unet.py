@@ -164,6 +164,16 @@ def test_a_positional_lora_scale_is_refused_with_how_to_pass_it():
         ours(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], None, None, None, {"scale": 0.5})
 
 
+def test_video_latents_are_refused_with_the_motion_unet_to_use():
+    """AnimateDiff and PIA convert only diffusers' UNet: ours got (B, C, frames, H, W) and failed in a conv."""
+    config = UNET_CONFIGS["sd1"]
+    _, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    inputs["sample"] = inputs["sample"].unsqueeze(2).expand(-1, -1, 3, -1, -1)
+    with pytest.raises(ValueError, match=r"got shape \(2, 4, 3, 8, 8\)\. .*UNetMotionModel.from_unet2d"):
+        ours(**inputs)
+
+
 def test_scalar_timesteps_and_tuple_return():
     config = UNET_CONFIGS["sd1"]
     _, ours = paired_models(config)
@@ -347,7 +357,7 @@ def test_controlnet_and_t2i_adapter_residuals_match_diffusers(name):
     )
     # a T2I-Adapter's feature has the shape of the block's output, or of its last layer's before a downsampler
     adapter = dict(down_intrablock_additional_residuals=[
-        torch.randn((out if block.attentions is None else block_skips[len(block.resnets) - 1]).shape,
+        torch.randn((block_skips[len(block.resnets) - 1] if block.has_attention else out).shape,
                     generator=generator) for block, (out, block_skips) in zip(ours.down_blocks, blocks)
     ])  # fmt: skip
     with torch.no_grad():

@@ -118,3 +118,63 @@ def test_diffusers_pipeline_helpers_drive_our_unet_as_theirs():
             pipe.unfuse_qkv_projections(), pipe.disable_freeu(), pipe.disable_attention_slicing()
         assert all((r - results[0]).abs().max().item() <= 1e-4 for r in results[1:]), name
         assert ((results[0] - plain).abs().max().item() > 1e-3) == (name == "enable_freeu"), name
+
+
+def test_setting_one_module_s_processor_is_checked_not_stored():
+    """SAG and PAG set `attn.processor` on single modules; a processor we cannot run was ignored silently (SAG then
+    failed on a missing attention map), and one that is an nn.Module would have become a child with parameters."""
+    _, ours = paired_models(UNET_CONFIGS["sd1"])
+    attn = ours.mid_block.attentions[0].transformer_blocks[0].attn1
+    assert type(attn.processor) is AttnProcessor2_0
+    attn.processor = AttnProcessor()  # what the module computes already: a pipeline putting it back
+    other = IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=24)  # an nn.Module
+    with pytest.raises(NotImplementedError, match=r"cannot run IPAdapterAttnProcessor2_0"):
+        attn.processor = other
+    with pytest.raises(NotImplementedError, match=r"one attention path for all modules: .*set_attn_processor\(Fused"):
+        attn.processor = FusedAttnProcessor2_0()
+    assert "processor" not in dict(attn.named_children()) and type(attn.processor) is AttnProcessor2_0
+
+
+def test_a_processor_is_known_by_its_class_not_its_name():
+    """A user's class named AttnProcessor2_0 computes something else: it was taken, and ignored."""
+    _, ours = paired_models(UNET_CONFIGS["sd1"])
+    lookalike = type("AttnProcessor2_0", (), {"__call__": lambda self, attn, hidden_states, *a, **k: hidden_states * 0})
+    with pytest.raises(NotImplementedError, match=r"cannot run AttnProcessor2_0"):
+        ours.set_attn_processor(lookalike())
+    with pytest.raises(NotImplementedError, match=r"cannot run IPAdapterAttnProcessor2_0.*diffusers' UNet"):
+        ours._load_ip_adapter_weights([])  # what pipe.load_ip_adapter calls (an AttributeError before)
+
+
+def test_self_attention_guidance_is_refused_by_name():
+    from diffusers import StableDiffusionSAGPipeline
+
+    parts = tiny_components(0)
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionSAGPipeline(**parts, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(NotImplementedError, match=r"cannot run CrossAttnStoreProcessor"):
+        pipe("red apple", sag_scale=0.75, num_inference_steps=2, output_type="pt")
+
+
+def test_block_wise_lora_scales_give_diffusers_images(tmp_path):
+    """`set_adapters(name, {"unet": {"down": ...}})` finds blocks with attention by `hasattr(block, "attentions")`:
+    our attention-free blocks had the attribute (None), and every dict of scales failed."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    parts = tiny_components(0)
+    reference = diffusers.UNet2DConditionModel.from_config(parts["unet"].config)
+    reference.load_state_dict(parts["unet"].state_dict())
+    adapted = diffusers.UNet2DConditionModel.from_config(parts["unet"].config)
+    adapted.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(adapted))
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    images = []
+    for unet in (reference, parts["unet"]):
+        pipe = StableDiffusionPipeline(**dict(parts, unet=unet), **extra)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(tmp_path, adapter_name="a")
+        pipe.set_adapters("a", {"unet": {"down": 0.3, "mid": 0.0, "up": {"block_1": [0.5, 1.0]}}})
+        generator = torch.Generator().manual_seed(0)
+        images.append(pipe("red apple", num_inference_steps=2, generator=generator, output_type="pt").images)
+    assert (images[0] - images[1]).abs().max().item() <= 1e-5

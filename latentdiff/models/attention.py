@@ -11,7 +11,7 @@ step, an EMA swap) updates the fused weight too.
 """
 
 import importlib.util
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,23 @@ class Attention(nn.Module):
         # [W_q; W_k; W_v] (self) or [W_k; W_v] (cross) once fused; not persistent: the views carry the keys
         self.register_buffer("fused_weight", None, persistent=False)
         self.register_load_state_dict_post_hook(_fuse_again_after_load)
+
+    @property
+    def processor(self) -> Any:
+        """diffusers' per-module processor, read: the one that computes what this module does."""
+        from .diffusers_api import processor_of  # diffusers' API is built on this module
+
+        return processor_of(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`attn.processor = p` (SAG and PAG set one module's) is checked, never stored: our path is one for the
+        whole UNet. Ahead of nn.Module's, which would register a processor that is a module as a child."""
+        if name == "processor":
+            from .diffusers_api import check_module_processor
+
+            check_module_processor(self, value)
+            return
+        super().__setattr__(name, value)
 
     @property
     def fusable_projections(self) -> tuple[nn.Module, ...]:

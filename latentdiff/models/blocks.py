@@ -306,7 +306,9 @@ class DownBlock2D(CheckpointedStage):
         self.resnets = nn.ModuleList(
             resnet.build(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)
         )
-        self.attentions = None if attention is None else attention.build_many(num_layers, out_channels, resnet.groups)
+        self.has_attention = attention is not None
+        if self.has_attention:  # no attribute without: diffusers finds cross-attention blocks by hasattr (LoRA scales)
+            self.attentions = attention.build_many(num_layers, out_channels, resnet.groups)
         if add_downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)])
         else:
@@ -327,7 +329,7 @@ class DownBlock2D(CheckpointedStage):
         skips = ()
         for i, resnet in enumerate(self.resnets):
             x = self.run(resnet, x, temb)
-            if self.attentions is not None:
+            if self.has_attention:
                 x = self.run(self.attentions[i], x, context, self_bias, cross_bias)
                 if adapter_residual is not None and i == len(self.resnets) - 1:
                     x = x + adapter_residual
@@ -335,7 +337,7 @@ class DownBlock2D(CheckpointedStage):
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips += (x,)
-        if adapter_residual is not None and self.attentions is None:
+        if adapter_residual is not None and not self.has_attention:
             x = x + adapter_residual
             skips = skips[:-1] + (x,)
         return x, skips
@@ -380,7 +382,9 @@ class UpBlock2D(CheckpointedStage):
             input_channels = prev_output_channels if i == 0 else out_channels
             resnets.append(resnet.build(input_channels + skip_channels, out_channels))
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = None if attention is None else attention.build_many(num_layers, out_channels, resnet.groups)
+        self.has_attention = attention is not None
+        if self.has_attention:  # no attribute without: diffusers finds cross-attention blocks by hasattr (LoRA scales)
+            self.attentions = attention.build_many(num_layers, out_channels, resnet.groups)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
         self.freeu: tuple[float, float] | None = None  # (backbone, skip) scales: `UNet2DConditionModel.enable_freeu`
 
@@ -400,7 +404,7 @@ class UpBlock2D(CheckpointedStage):
                 x, skip = freeu(x, skip, *self.freeu)
             x = torch.cat([x, skip], dim=1)
             x = self.run(resnet, x, temb)
-            if self.attentions is not None:
+            if self.has_attention:
                 x = self.run(self.attentions[i], x, context, self_bias, cross_bias)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)

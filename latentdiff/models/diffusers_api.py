@@ -10,13 +10,20 @@ works: diffusers' own UNet, which loads our weights as they are.
 
 from typing import Any
 
-from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0, XFormersAttnProcessor
+from diffusers.models.attention_processor import (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    XFormersAttnProcessor,
+)
 
 from .attention import Attention, fuse_projections, projections_fused, unfuse_projections
 
-# diffusers processors that compute plain attention, as our path does: xFormers' with its op, the fused one after
-# `fuse_qkv_projections()`, and the rest (the classic, the SDPA one) unfused on PyTorch's SDPA
-_PLAIN, _FUSED, _XFORMERS = ("AttnProcessor", "AttnProcessor2_0"), "FusedAttnProcessor2_0", "XFormersAttnProcessor"
+# diffusers processors that compute plain attention, as our path does, by the path that runs them: xFormers' with
+# its op, the fused one after `fuse_qkv_projections()`, the rest (the classic, the SDPA one) unfused on SDPA. The
+# classes themselves, not their names or subclasses: another class of the same name computes something else.
+_PATHS = {AttnProcessor: "plain", AttnProcessor2_0: "plain", FusedAttnProcessor2_0: "fused",
+          XFormersAttnProcessor: "xformers"}  # fmt: skip
 
 
 def _unsupported_processor(names: set[str]) -> NotImplementedError:
@@ -26,6 +33,26 @@ def _unsupported_processor(names: set[str]) -> NotImplementedError:
         "processors) need diffusers' UNet, which loads these weights as they are: "
         "diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder='unet')."
     )
+
+
+def processor_of(module: Attention) -> Any:
+    """The diffusers processor that computes what `module` computes now."""
+    if module.use_xformers:
+        return XFormersAttnProcessor(module.xformers_op)
+    return FusedAttnProcessor2_0() if module.fused_weight is not None else AttnProcessor2_0()
+
+
+def check_module_processor(module: Attention, processor: Any) -> None:
+    """`attn.processor = p` on one module, as SAG, PAG and other pipelines do: taken only when `p` computes what the
+    module computes already (a pipeline putting the processor back), since the path is one for the whole UNet."""
+    path = _PATHS.get(type(processor))
+    if path is None:
+        raise _unsupported_processor({type(processor).__name__})
+    if path != _PATHS[type(processor_of(module))]:
+        raise NotImplementedError(
+            f"latentdiff's UNet has one attention path for all modules: choose it for the whole UNet with "
+            f"unet.set_attn_processor({type(processor).__name__}()), not for one module."
+        )
 
 
 class DiffusersUNetAPI:
@@ -38,14 +65,7 @@ class DiffusersUNetAPI:
     def attn_processors(self) -> dict[str, Any]:
         """What each attention computes, as the diffusers processor that computes the same, under diffusers' keys
         (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor`)."""
-        processors = {}
-        for name, module in self._attentions().items():
-            if module.use_xformers:
-                processor = XFormersAttnProcessor(module.xformers_op)
-            else:
-                processor = FusedAttnProcessor2_0() if module.fused_weight is not None else AttnProcessor2_0()
-            processors[f"{name}.processor"] = processor
-        return processors
+        return {f"{name}.processor": processor_of(module) for name, module in self._attentions().items()}
 
     def set_attn_processor(self, processor: Any | dict[str, Any]) -> None:
         """Accept the diffusers processors our attention path computes (`AttnProcessor`, `AttnProcessor2_0`,
@@ -55,24 +75,34 @@ class DiffusersUNetAPI:
             NotImplementedError: Another processor (IP-Adapter's, PAG's, a custom one), or different ones per module.
         """
         chosen = list(processor.values()) if isinstance(processor, dict) else [processor]
-        names = {type(p).__name__ for p in chosen}
-        if not names <= {*_PLAIN, _FUSED, _XFORMERS}:
-            raise _unsupported_processor(names - {*_PLAIN, _FUSED, _XFORMERS})
-        if len(names) > 1:
+        unknown = {type(p).__name__ for p in chosen if type(p) not in _PATHS}
+        if unknown:
+            raise _unsupported_processor(unknown)
+        paths = {_PATHS[type(p)] for p in chosen}
+        if len(paths) > 1:
             raise NotImplementedError(
-                f"One attention path for every module, not several ({sorted(names)}): pass one processor, or the "
-                "same kind for every key."
+                f"One attention path for every module, not several ({sorted({type(p).__name__ for p in chosen})}): "
+                "pass one processor, or the same kind for every key."
             )
-        (name,) = names
-        if name == _XFORMERS:
+        (path,) = paths
+        if path == "xformers":
             self.set_use_memory_efficient_attention_xformers(True, chosen[0].attention_op)
             return
         self.set_use_memory_efficient_attention_xformers(False)
-        if name == _FUSED:
+        if path == "fused":
             if not projections_fused(self):
                 fuse_projections(self)
         else:
             unfuse_projections(self)
+
+    def _load_ip_adapter_weights(self, *args: Any, **kwargs: Any) -> None:
+        """What `pipe.load_ip_adapter` calls: IP-Adapter runs in processors of its own, which our path has not."""
+        raise _unsupported_processor({"IPAdapterAttnProcessor2_0"})
+
+    def load_attn_procs(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' loader of attention-processor weights (Custom Diffusion, old LoRA files): the same refusal;
+        LoRA files load with `pipe.load_lora_weights`."""
+        raise _unsupported_processor({"the processors of load_attn_procs"})
 
     def set_default_attn_processor(self) -> None:
         """diffusers' reset to plain attention: SDPA, unfused, no xFormers."""

@@ -342,6 +342,12 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
                 "timestep_cond, added_cond_kwargs and cross_attention_kwargs other than the LoRA 'scale' are not "
                 "supported by this UNet (SD-1.x/2.x style); pass None."
             )
+        if sample.dim() != 4:
+            raise ValueError(
+                f"sample must be latents (batch, channels, height, width), got shape {tuple(sample.shape)}. Video "
+                "pipelines (AnimateDiff, PIA) turn only diffusers' own UNet into a motion UNet: pass them "
+                "unet=UNetMotionModel.from_unet2d(this_unet, motion_adapter)."
+            )
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError(
                 "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
