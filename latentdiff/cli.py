@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from .argparse_errors import OneLineErrors
 
 # Errors that mean "the input was wrong", worded for the user by the code that raised them.
@@ -158,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("latentdiff").setLevel(logging.INFO)
     logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_notice)
     try:
-        if argv[:1] == ["train"]:  # its options come from TrainConfig, parsed by HfArgumentParser
-            _train(argv[1:])
-            return 0
-        args = build_parser().parse_args(argv)
-        args.handler(args)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not glued to their end
+            if argv[:1] == ["train"]:  # its options come from TrainConfig, parsed by HfArgumentParser
+                _train(argv[1:])
+                return 0
+            args = build_parser().parse_args(argv)
+            args.handler(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

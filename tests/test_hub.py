@@ -137,6 +137,8 @@ def test_train_script_pushes_the_pipeline_but_no_checkpoint_or_token(fake_hub, t
     assert hub.authorizations and all(a == f"Bearer {TOKEN}" for a in hub.authorizations)  # the token was used...
     # ... and is nowhere else: not in the output, the logs, any file written, anything uploaded
     assert TOKEN not in result.stdout + result.stderr
+    # what the user reads: log lines on lines of their own, not glued to the end of the progress bar's
+    assert "Saved training state to" in result.stderr and "]INFO" not in result.stderr
     for path in output_dir.rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path

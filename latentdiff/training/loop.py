@@ -245,6 +245,8 @@ def _training_data(
     )  # fmt: skip
     if config.cache_latents:
         dataset.use_latent_cache(cache_latent_dists(models.vae, dataset, config.train_batch_size, accelerator))
+    # Workers are not persistent: each epoch starts them again with the data set's new epoch (`set_epoch` runs in
+    # this process), which costs a fork per worker and epoch, felt only on data sets of a few batches
     train_dataloader = accelerator.prepare(
         torch.utils.data.DataLoader(
             dataset, batch_size=config.train_batch_size, sampler=EpochShuffler(len(dataset), seed),
