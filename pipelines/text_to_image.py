@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import scale_lora_layers
@@ -72,13 +72,17 @@ def _check_model_index(path: Path) -> None:
         )
 
 
-class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
+class LatentDiffusionPipeline(
+    DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+):
     r"""Text-to-image generation with a latent diffusion model (Stable Diffusion 1.x/2.x layout).
 
     LoRA adapters in diffusers' format (ours from `latentdiff train --lora_rank`, or any SD-1.x/2.x LoRA) load with
     diffusers' own API: `load_lora_weights`, `set_adapters`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights`;
-    `cross_attention_kwargs={"scale": s}` scales them for one call (docs/lora.md). diffusers' Stable Diffusion helpers
-    work as there: `enable_freeu`, `fuse_qkv_projections`, `enable_attention_slicing`, `enable_vae_slicing`, ...
+    `cross_attention_kwargs={"scale": s}` scales them for one call (docs/lora.md). Textual-inversion embeddings
+    load with `load_textual_inversion` (a token of several vectors is expanded in prompts). diffusers' Stable
+    Diffusion helpers work as there: `enable_freeu`, `fuse_qkv_projections`, `enable_attention_slicing`,
+    `enable_vae_slicing`, ...
 
     Args:
         vae (`AutoencoderKL`): Encodes images to latents and decodes latents to images.
@@ -323,11 +327,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         dtype = self.unet.dtype
         with self._text_encoder_lora_scale(lora_scale):
             if prompt_embeds is None:
-                prompts = [prompt] if isinstance(prompt, str) else prompt
+                prompts = self.maybe_convert_prompt([prompt] if isinstance(prompt, str) else prompt, self.tokenizer)
                 prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip)
             batch = prompt_embeds.shape[0]
             if do_classifier_free_guidance and negative_prompt_embeds is None:
                 negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+                negatives = self.maybe_convert_prompt(negatives, self.tokenizer)
                 tokens = prompt_embeds.shape[1]  # as diffusers: the negatives' length is that of the prompt's
                 if tokens > self.tokenizer.model_max_length:
                     raise ValueError(

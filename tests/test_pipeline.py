@@ -481,6 +481,25 @@ def test_from_pipe_drives_our_unet_in_diffusers_img2img(pipe, tiny_pipeline_path
     np.testing.assert_allclose(images[0], images[1], atol=1e-4, rtol=0)
 
 
+def test_textual_inversion_loads_and_expands_as_in_diffusers(tiny_pipeline_path):
+    """A two-vector embedding: "<toy>" in a prompt (and a negative prompt) must become "<toy> <toy>_1", as
+    StableDiffusionPipeline does, or only the first vector would condition the image."""
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path, requires_safety_checker=False)
+    width = ours.text_encoder.config.hidden_size
+    embedding = torch.randn(2, width, generator=torch.Generator().manual_seed(0)) * 3
+    images = []
+    for p in (ours, reference):
+        p.load_textual_inversion({"<toy>": embedding.clone()})
+        p.set_progress_bar_config(disable=True)
+        assert p.maybe_convert_prompt("a <toy>", p.tokenizer) == "a <toy> <toy>_1"
+        images.append(p("a <toy> photo", negative_prompt="<toy>", num_inference_steps=3, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images)  # fmt: skip
+    np.testing.assert_allclose(images[0], images[1], atol=1e-4, rtol=0)
+    plain = ours("a photo", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(images[0] - plain).max() > 1e-2  # the embedding conditions the image
+
+
 def test_pickle_weights_need_allow_pickle(tiny_pipeline_path, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_pipeline_path, folder)
