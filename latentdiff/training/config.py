@@ -23,9 +23,9 @@ from .config_file import CONFIG_SUFFIXES, config_file_flags
 from .config_types import check_field_types
 from .lora import UNET_TARGET_MODULES
 
-# diffusers' get_scheduler names, less piecewise_constant (it needs step rules, which no flag gives)
 # 64 megapixels, far beyond SD's 512-1024: one 128-channel VAE activation of such an image is 17 GB in bf16 already
 LARGEST_RESOLUTION = 8192
+# diffusers' get_scheduler names, less piecewise_constant (it needs step rules, which no flag gives)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules")  # meaningful only with --lora_rank
 EMA_FIELDS = ("ema_decay", "ema_min_decay", "ema_update_after_step", "ema_use_warmup", "ema_inv_gamma", "ema_power",
@@ -284,10 +284,10 @@ class TrainConfig:
         if not 8 <= self.resolution <= LARGEST_RESOLUTION or self.resolution % 8:
             raise ValueError(f"--resolution must be a positive multiple of 8, at most {LARGEST_RESOLUTION} (SD 1.x "
                              f"trains at 512, 2.x at 768), got {self.resolution!r}.")  # fmt: skip
-        if self.dataloader_num_workers > (workers := 4 * (os.cpu_count() or 1)):
+        if self.dataloader_num_workers > 4 * (cores := os.cpu_count() or 1):
             raise ValueError(f"--dataloader_num_workers {self.dataloader_num_workers} is more than 4 per CPU core "
-                             f"({workers} here): each worker is a process with its own memory; 0 to "
-                             f"{os.cpu_count() or 1} is usual.")  # fmt: skip
+                             f"({4 * cores} here): each worker is a process with its own memory; 0 to {cores} is "
+                             "usual.")  # fmt: skip
         if self.dataset_name is None and self.train_data_dir is None:
             raise ValueError("Give the training data: --dataset_name (Hub id, file or folder) or --train_data_dir.")
         if self.cache_latents and (not self.center_crop or self.random_flip):

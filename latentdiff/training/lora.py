@@ -18,6 +18,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -50,15 +51,16 @@ def add_lora_adapters(
         dropout (`float`, *optional*, defaults to 0.0): Dropout on the adapters' input.
         target_modules (`Sequence[str]`, *optional*): UNet module names (or name endings) that get adapters.
     """
-    full_rank = _largest_full_rank(unet, target_modules)
+    settings = dict(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, init_lora_weights="gaussian")
+    unet_lora = LoraConfig(target_modules=list(target_modules), **settings)
+    full_rank = _largest_full_rank(unet, unet_lora)
     if full_rank is not None and rank > full_rank:  # and a huge rank would fail allocating, with a traceback
         raise ValueError(
             f"--lora_rank {rank} is more than the widest adapted layer's rank (min(in, out) = {full_rank}): an update "
             "of that rank is no longer low-rank; 4 to 128 is usual."
         )
-    settings = dict(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, init_lora_weights="gaussian")
     try:
-        unet.add_adapter(LoraConfig(target_modules=list(target_modules), **settings))
+        unet.add_adapter(unet_lora)
     except ValueError as error:
         raise ValueError(
             f"--lora_target_modules {' '.join(target_modules)}: {error} The UNet's attention projections "
@@ -71,12 +73,11 @@ def add_lora_adapters(
     cast_training_params(models, dtype=torch.float32)
 
 
-def _largest_full_rank(model: nn.Module, target_modules: Sequence[str]) -> int | None:
-    """The largest rank a weight of the layers `target_modules` names can have (peft's matching: the whole name or
-    its ending); `None` when none matches, which peft reports itself."""
+def _largest_full_rank(model: nn.Module, config: LoraConfig) -> int | None:
+    """The largest rank a weight of the layers `config` targets can have (matched by peft's own rule); `None` when
+    none matches, which peft reports itself."""
     ranks = [min(module.weight.shape[0], module.weight[0].numel()) for name, module in model.named_modules()
-             if isinstance(getattr(module, "weight", None), torch.Tensor)
-             and any(name == target or name.endswith(f".{target}") for target in target_modules)]  # fmt: skip
+             if isinstance(getattr(module, "weight", None), torch.Tensor) and check_target_module_exists(config, name)]
     return max(ranks, default=None)
 
 
