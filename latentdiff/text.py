@@ -84,7 +84,7 @@ def encode_prompts(
         raise ValueError(f"clip_skip must be an integer from 0 to {layers - 1} (the encoder has {layers} layers), "
                          f"got {clip_skip!r}.")  # fmt: skip
     hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 nests it
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers <= 5.0 nest it
     return final_norm(hidden)
 
 

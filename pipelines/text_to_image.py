@@ -380,7 +380,9 @@ class LatentDiffusionPipeline(
                 "pass one generator, or one per image."
             )
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            # Drawn in float32, then cast: one seed gives the same noise in every dtype. (torch's CPU kernel draws
+            # bf16/fp16 noise from another stream than float32 in torch 2.6-2.11.)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, but this call needs {shape}.")
         elif not torch.isfinite(latents).all():  # one host read, of the caller's tensor: they would sample black images

@@ -66,17 +66,19 @@ def config_for(pipeline: Path, data: Path, output_dir: Path, **overrides) -> Tra
     )  # fmt: skip
 
 
-def assert_same_weights(path_a: Path, path_b: Path) -> None:
+def assert_same_weights(path_a: Path, path_b: Path, context: str = "") -> None:
     a, b = load_file(path_a), load_file(path_b)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), (path_a, path_b)
+    assert a.keys() == b.keys(), (context, path_a)
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, (context, path_a, len(differing), differing[0], (a[differing[0]] - b[differing[0]]).abs().max())
 
 
-def assert_ends_like(output_dir: Path, reference: Path) -> None:
+def assert_ends_like(output_dir: Path, reference: Path, context: str = "") -> None:
     """Final pipeline (EMA weights) and last checkpoint (raw and EMA weights) equal the uninterrupted run's."""
-    assert_same_weights(output_dir / UNET, reference / UNET)
+    assert_same_weights(output_dir / UNET, reference / UNET, context)
     for name in (UNET, EMA):
-        assert_same_weights(output_dir / f"checkpoint-{STEPS}" / name, reference / f"checkpoint-{STEPS}" / name)
+        last = f"checkpoint-{STEPS}/{name}"
+        assert_same_weights(output_dir / last, reference / last, context)
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -132,7 +134,7 @@ def test_sigkill_at_a_random_step_then_resume_latest_equals_an_uninterrupted_run
     if while_saving:
         assert latest.name == f"checkpoint-{step}" and (output_dir / f".tmp-checkpoint-{step + 1}").is_dir(), scenario
     train(config_for(pipeline, data, output_dir, resume_from_checkpoint="latest"))
-    assert_ends_like(output_dir, reference_dir)
+    assert_ends_like(output_dir, reference_dir, scenario)
 
 
 @pytest.mark.parametrize("where", ["inside save_state", "before the rename"])

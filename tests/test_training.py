@@ -717,7 +717,7 @@ def test_diffusion_loss_is_its_formula_on_the_same_draws(snr_gamma, dtype):
     xi = torch.randn(latents.shape, generator=draws, dtype=dtype)
     timesteps = torch.randint(0, 1000, (3,), generator=draws)
     torch.testing.assert_close(seen[0], scheduler.add_noise(latents, noise + 0.2 * xi, timesteps), rtol=0, atol=0)
-    per_example = (noise**2).mean(dim=(1, 2, 3))  # the prediction is 0: the error is the target ε
+    per_example = (noise.float() ** 2).mean(dim=(1, 2, 3))  # the prediction is 0: the error is ε (float32, as the loss)
     weights = torch.ones(3) if snr_gamma is None else min_snr_weights(scheduler, timesteps, snr_gamma)
     assert not torch.allclose(weights, torch.ones(3)) or snr_gamma is None
     torch.testing.assert_close(loss, (per_example * weights).mean())
@@ -803,7 +803,9 @@ def test_compile_trains_like_eager(tiny_pipeline_path, caption_folder, tmp_path,
         assert graphs == 0 if not compiled else 1 <= graphs <= 2, graphs  # the UNet (+ a last, smaller batch)
     np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-5)
     for key, value in runs[False][0].items():
-        torch.testing.assert_close(runs[True][0][key], value, rtol=1e-4, atol=1e-6)
+        # atol 1e-4 (a tenth of one Adam step at lr 1e-3): on torch 2.6-2.9 AOTAutograd's gradients differ from eager
+        # in the last bits, and Adam turns that into up to 1.6e-5 on a weight whose gradient is near 0
+        torch.testing.assert_close(runs[True][0][key], value, rtol=1e-4, atol=1e-4)
 
 
 def test_an_accelerator_that_fails_to_build_leaves_the_next_run_unaffected(tmp_path, monkeypatch):

@@ -18,6 +18,13 @@ from torch import nn
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# The device types that have an autocast, asked once here: torch.compile cannot trace
+# `torch.amp.is_autocast_available` in torch 2.6-2.11 (a graph break per norm, an error under fullgraph=True),
+# while a lookup in a frozenset traces. ("meta" has none: `torch.is_autocast_enabled("meta")` raises.)
+_AUTOCAST_DEVICES = frozenset(
+    device for device in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu", "privateuseone")
+    if torch.amp.is_autocast_available(device)
+)
 
 
 class _AutocastDtypeNorm:
@@ -37,7 +44,7 @@ class _AutocastDtypeNorm:
         if self.upcast or x.dtype not in _LOW_PRECISION:  # the cheap checks first: this runs for every norm call
             return None
         device = x.device.type
-        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
             return None
         dtype = torch.get_autocast_dtype(device)
         return dtype if x.dtype == dtype else None
