@@ -197,6 +197,8 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{what} {folder} is a file: give a folder (it is created if missing).")
     existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():  # the folder would be made inside a file: mkdir fails, after the work
+        raise ValueError(f"{what} {folder} cannot be created: {existing} is a file. Give a folder outside it.")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
         os.close(fd)

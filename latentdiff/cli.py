@@ -40,6 +40,7 @@ def _generate(args: argparse.Namespace) -> None:
         lora=args.lora,
         lora_scale=1.0 if args.lora_scale is None else args.lora_scale,
         clip_skip=args.clip_skip,
+        variant=args.variant,
     )
     for path in result.image_paths:
         print(path)
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output-dir", type=Path, default=Path("outputs/generated"),
                           help="gets NNN-<prompt>-seed<S>.png and grid.png (default: outputs/generated)")
     generate.add_argument("--device", default=None, help="default: cuda when available, else mps, else cpu")
+    generate.add_argument("--variant", default=None,
+                          help="weights variant, e.g. fp16 for a model stored as *.fp16.safetensors only")
     generate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights' dtype (default: fp32)")
     generate.add_argument("--clip-skip", type=int, default=None,
                           help="condition on the text encoder's layer this many before the last (1 or 2 for models "

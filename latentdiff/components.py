@@ -92,6 +92,21 @@ def _part_variant(folder: Path, sub: str, variant: str | None) -> str | None:
     return None
 
 
+def _check_plain_weights(folder: Path, variant: str | None, supplied: Collection[str]) -> None:
+    """Without a variant, refuse a part whose weights are all variant files (`*.fp16.safetensors`): diffusers says
+    only "no file named diffusion_pytorch_model.safetensors found in directory <the pipeline folder>"."""
+    if variant is not None:
+        return
+    for sub in (sub for sub in WEIGHT_FOLDERS if sub not in supplied):
+        names = sorted(p.name for p in (folder / sub).iterdir() if p.name.endswith((".safetensors", *PICKLE_SUFFIXES)))
+        if names and all(name.count(".") > 1 for name in names):
+            variants = sorted({name.split(".")[-2].split("-")[0] for name in names})
+            raise FileNotFoundError(
+                f"{folder / sub} holds only {' and '.join(variants)} weights ({', '.join(names)}), no plain ones: load "
+                f"with that variant (variant={variants[0]!r}; on the command line --variant {variants[0]})."
+            )
+
+
 def _check_variant(folder: Path, variant: str | None) -> None:
     if variant is not None and not any(_has_variant(folder / sub, variant) for sub in WEIGHT_FOLDERS):
         raise FileNotFoundError(
@@ -120,6 +135,8 @@ def check_weight_files(folder: Path, allow_pickle: bool = False, supplied: Colle
             raise FileNotFoundError(
                 f"{folder} has no {sub}/ folder: a text-to-image model folder needs {', '.join(PIPELINE_FOLDERS)}."
             )
+    if "tokenizer" not in supplied:
+        _check_tokenizer_files(folder / "tokenizer")
     for sub in (sub for sub in WEIGHT_FOLDERS if sub not in supplied):
         path = folder / sub
         names = sorted(p.name for p in path.iterdir())
@@ -135,6 +152,22 @@ def check_weight_files(folder: Path, allow_pickle: bool = False, supplied: Colle
                 "safetensors load by default. If you trust this checkpoint, pass --allow_pickle (in Python "
                 "allow_pickle=True), or convert it to safetensors first."
             )
+
+
+def _check_tokenizer_files(tokenizer: Path) -> None:
+    """Refuse a `tokenizer/` without its vocabulary or its config: transformers loads the first as a tokenizer of two
+    tokens (every prompt the same ids: the model samples and trains unconditioned, silently), and the second with
+    an unbounded `model_max_length` (an `OverflowError` at the first prompt)."""
+    names = sorted(p.name for p in tokenizer.iterdir())
+    vocabulary = "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= set(names)
+    missing = ([] if vocabulary else ["vocab.json + merges.txt (or tokenizer.json)"]) + (
+        [] if "tokenizer_config.json" in names else ["tokenizer_config.json"]
+    )
+    if missing:
+        raise FileNotFoundError(
+            f"{tokenizer} has no {' nor '.join(missing)} (found {names}): the tokenizer is incomplete; download or "
+            "copy the model again."
+        )
 
 
 def _check_safetensors(paths: list[Path]) -> None:
@@ -209,6 +242,7 @@ def resolve_model_folder(
                 f"{type(error).__name__}: {' '.join(str(error).split())}"  # one line: huggingface_hub's have two
             ) from error
     check_weight_files(folder, allow_pickle, supplied)
+    _check_plain_weights(folder, variant, supplied)
     _check_variant(folder, variant)
     return folder
 

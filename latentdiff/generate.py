@@ -204,6 +204,7 @@ def generate_images(
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
     clip_skip: int | None = None,
+    variant: str | None = None,
 ) -> GenerationResult:
     r"""Load a model, generate `num_images_per_prompt` images per prompt, and write PNGs plus a grid.
 
@@ -223,6 +224,8 @@ def generate_images(
             `pytorch_lora_weights.safetensors` (what `latentdiff train --lora_rank` writes), or the file itself.
         lora_scale (`float`, *optional*, defaults to 1.0): Strength of the adapters; 0 gives the base model.
         clip_skip (`int`, *optional*): Condition on the text encoder's layer this many before the last.
+        variant (`str`, *optional*): Weights variant such as `"fp16"` (`*.fp16.safetensors`), for a model that has
+            no plain weights; a part without the variant loads its plain weights.
 
     Returns:
         `GenerationResult` with the image paths, their seeds and the grid path.
@@ -240,7 +243,9 @@ def generate_images(
     source = None if lora is None else lora_source(lora)
     # float32 unless asked: left to the libraries, a folder stored in fp16 loads as a mix (transformers keeps the
     # text encoder's fp16, diffusers makes the UNet fp32)
-    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=_resolve_dtype(torch_dtype) or torch.float32)
+    pipe = LatentDiffusionPipeline.from_pretrained(
+        model, dtype=_resolve_dtype(torch_dtype) or torch.float32, variant=variant
+    )
     if source is not None:
         load_lora(pipe, source, lora_scale)
     pipe = pipe.to(device)

@@ -127,7 +127,8 @@ def model_card(
     ]
     if images:
         lines += ["", "## Validation images", "", "| prompt | image |", "|---|---|"]
-        lines += [f"| {prompt.replace('|', '/')} | ![]({path}) |" for path, prompt in images]
+        # one table row each: a line break (a YAML `>` prompt ends in one) would end the row half-way
+        lines += [f"| {' '.join(prompt.split()).replace('|', '/')} | ![]({path}) |" for path, prompt in images]
     lines += ["", "## Training hyperparameters", ""]
     lines += [
         f"- {key}: {hyperparameters[key]}" for key in CARD_HYPERPARAMETERS if hyperparameters.get(key) is not None
@@ -143,7 +144,8 @@ def card_for_repo(card: str, repo_id: str) -> str:
         return card
     old = title.group(1)
     card = card[: title.start()] + f"# {repo_id}" + card[title.end() :]
-    for call in ("from_pretrained", "load_lora_weights"):
+    # a LoRA card loads its base with from_pretrained: that id stays, even when it reads as the folder's name
+    for call in ("load_lora_weights",) if re.search(r"^- lora$", card, flags=re.MULTILINE) else ("from_pretrained",):
         card = card.replace(f'{call}("{old}"', f'{call}("{repo_id}"')
     return card
 

@@ -55,7 +55,7 @@ def train_vae(images: torch.Tensor, config: VAETrainConfig) -> AutoencoderKL:
         images (`torch.Tensor`): `(N, 3, H, W)` in [-1, 1], with `H == W == config.resolution`.
         config (`VAETrainConfig`): sizes and optimisation settings.
     """
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != config.resolution:
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (config.resolution, config.resolution):
         raise ValueError(f"images must be (N, 3, {config.resolution}, {config.resolution}), got {tuple(images.shape)}.")
     generator = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, without resetting the caller's global RNG

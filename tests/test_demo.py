@@ -242,3 +242,12 @@ def test_an_output_dir_that_is_a_file_is_named_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"output_dir .*notes.txt is a file: give a folder"):
         run_demo(output_dir=tmp_path / "notes.txt", base_dir=tmp_path / "no-base", data_root=tmp_path / "no-data")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_train_vae_refuses_images_that_are_not_square_at_the_resolution():
+    import torch
+
+    from latentdiff.vae_training import train_vae
+
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, 32, 32\), got \(4, 3, 8, 32\)"):
+        train_vae(torch.zeros(4, 3, 8, 32), VAETrainConfig(steps=1, batch_size=2))

@@ -196,6 +196,16 @@ def test_a_lora_card_pushed_to_a_repo_loads_the_adapters_from_it():
     assert 'from_pretrained("org/base"' in card and card.count("# me/repo") == 1  # the base stays the base
 
 
+def test_a_lora_card_keeps_a_base_named_as_the_output_folder():
+    card = card_for_repo(model_card("emoji", "emoji", None, {}, lora=True), "me/emoji-lora")
+    assert 'from_pretrained("emoji"' in card and 'load_lora_weights("me/emoji-lora")' in card
+
+
+def test_a_prompt_with_line_breaks_stays_one_row_of_the_card_table():
+    card = model_card("m", "org/base", None, {}, images=[("validation/step_8/0.png", "a folded\nprompt\n")])
+    assert "| a folded prompt | ![](validation/step_8/0.png) |" in card.splitlines()
+
+
 def test_upload_leaves_out_checkpoints_and_interrupted_writes_at_any_depth():
     """The patterns as huggingface_hub applies them (`filter_repo_objects`, fnmatch on the path in the folder)."""
     from huggingface_hub.utils import filter_repo_objects

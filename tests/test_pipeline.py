@@ -186,7 +186,8 @@ def test_clip_skip_conditions_on_an_earlier_layer_through_the_final_norm(pipe):
     ids = pipe.tokenizer([PROMPTS[0]], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
-        second_last = pipe.text_encoder.final_layer_norm(hidden[-2])  # diffusers' clip_skip=1
+        encoder = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)  # transformers <= 5.0 nests the norm
+        second_last = encoder.final_layer_norm(hidden[-2])  # diffusers' clip_skip=1
     embeds, negative = pipe.encode_prompt(PROMPTS[0], pipe.device, 1, True, clip_skip=1)
     torch.testing.assert_close(embeds, second_last)
     torch.testing.assert_close(negative, pipe.encode_prompt("", pipe.device, 1, False)[0])  # as diffusers: last layer
@@ -589,6 +590,23 @@ def test_generate_images_rejects_bad_arguments(tiny_pipeline_path, tmp_path, kwa
         generate_images(str(tiny_pipeline_path), output_dir=tmp_path, **kwargs)
 
 
+def test_a_model_with_only_fp16_weights_names_the_variant_and_generate_loads_it(tiny_pipeline_path, tmp_path):
+    """diffusers said only "no file named diffusion_pytorch_model.safetensors found in directory <model>", and
+    `latentdiff generate` had no --variant."""
+    from latentdiff.cli import main
+
+    model = tmp_path / "fp16-only"
+    shutil.copytree(tiny_pipeline_path, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"fp16-only/unet holds only fp16 weights .* --variant fp16"):
+        LatentDiffusionPipeline.from_pretrained(model)
+    argv = ["generate", "--model", str(model), "--prompt", "a cat", "--steps", "2", "--device", "cpu",
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    assert main(argv + ["--variant", "fp16"]) == 0 and (tmp_path / "out" / "grid.png").is_file()
+
+
 def test_generate_images_checks_its_output_folder_before_sampling(tiny_pipeline_path, tmp_path, monkeypatch):
     """A file, or a folder that takes no files, is named before the model loads, not at the first PNG."""
     import latentdiff.atomic
@@ -596,6 +614,8 @@ def test_generate_images_checks_its_output_folder_before_sampling(tiny_pipeline_
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match=r"output_dir .*a-file is a file: give a folder"):
         generate_images(str(tiny_pipeline_path), PROMPTS, output_dir=tmp_path / "a-file")
+    with pytest.raises(ValueError, match=r"output_dir .*a-file/out cannot be created: .*a-file is a file"):
+        generate_images("no/such/model", PROMPTS, output_dir=tmp_path / "a-file" / "out")  # before the model load
 
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

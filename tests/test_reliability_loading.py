@@ -71,6 +71,10 @@ def inputs(tiny_pipeline_path, tmp_path_factory) -> dict[str, Path]:
     damaged.write_bytes(damaged.read_bytes()[:100])
     shutil.rmtree(variant_of(tiny_pipeline_path, root / "no-tokenizer") / "tokenizer")
     variant_of(tiny_pipeline_path, root / "text-size", unet_config={"cross_attention_dim": "big"})
+    no_vocabulary = variant_of(tiny_pipeline_path, root / "no-vocabulary") / "tokenizer"
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # it loaded as a 2-token tokenizer: prompts all alike
+        (no_vocabulary / name).unlink()
+    (variant_of(tiny_pipeline_path, root / "no-tokenizer-config") / "tokenizer" / "tokenizer_config.json").unlink()
     return {
         "pipeline": tiny_pipeline_path, "data": write_caption_folder(root / "data", n=4), "root": root,
         "unsupported": variant_of(tiny_pipeline_path, root / "unsupported", unet_config=UNSUPPORTED_UNET),
@@ -107,6 +111,8 @@ ARGUMENT_CASES = {
                                           r"give a new or empty folder"),
     "output_dir is the model": (["--pretrained_model_name_or_path", "{root}/bin", "--output_dir", "{root}/bin"],
                                 r"bin is the model folder .* would replace the model it starts from"),
+    "output_dir inside a file": (["--output_dir", "{root}/a-file/out"], r"--output_dir .*a-file/out cannot be created: "
+                                                                         r".*a-file is a file"),
     "output_dir in the data": (["--output_dir", "{root}/data/out"], r"is inside the data folder \(--train_data_dir"),
     "truncated weights": (["--pretrained_model_name_or_path", "{root}/damaged"],
                           r"damaged/text_encoder/model.safetensors is damaged or truncated .* copy the model again"),
@@ -115,6 +121,11 @@ ARGUMENT_CASES = {
                                                     r"must be a positive integer \(or one per block\), got 'big'"),
     "no tokenizer folder": (["--pretrained_model_name_or_path", "{root}/no-tokenizer"],
                             r"no-tokenizer has no tokenizer/ folder: a text-to-image model folder needs"),
+    "tokenizer without its vocabulary": (["--pretrained_model_name_or_path", "{root}/no-vocabulary"],
+                                         r"no-vocabulary/tokenizer has no vocab.json \+ merges.txt \(or tokenizer.json\)"
+                                         r" \(found \['tokenizer_config.json'\]\): .* download or copy the model again"),
+    "tokenizer without its config": (["--pretrained_model_name_or_path", "{root}/no-tokenizer-config"],
+                                     r"no-tokenizer-config/tokenizer has no tokenizer_config.json"),
 }  # fmt: skip
 if not torch.cuda.is_available():  # the suite's machines: Accelerate has no fp16 autocast on a CPU
     ARGUMENT_CASES["fp16 on a CPU"] = (["--mixed_precision", "fp16"], r"--mixed_precision fp16 needs a GPU.*bf16 or no")
