@@ -1,7 +1,10 @@
 """Writing files and folders so that a crash never leaves half of one: write beside the target, then rename.
 
 A rename within one file system is atomic, so the target either keeps its old content or has the new one whole;
-what a crash leaves is only a hidden ``.tmp-*`` sibling that readers ignore.
+what a crash leaves is only a hidden ``.tmp-*`` sibling that readers ignore. The new content is flushed to the disk
+before the rename and the rename after it, so a power cut or a preempted machine, which lose the OS's unwritten
+cache, cannot leave an empty or half-written file under the final name either (ext4 and XFS may otherwise put
+the rename on the disk before the data).
 """
 
 import contextlib
@@ -34,8 +37,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        _sync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -55,12 +61,35 @@ def replace_folder(finished: Path, target: Path) -> None:
     and deleted only after the new one is in place: ``target`` is the old folder, the new one, or (between the two
     renames) absent with the old one whole beside it, which `remove_leftovers` then puts back.
     """
+    _sync_tree(finished)
     if target.exists():
         old = _move_aside(target, _REPLACED)
         os.replace(finished, target)
+        _sync(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(finished, target)
+        _sync(target.parent)
+
+
+def replace_file(finished: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the complete file ``finished`` (written by another library beside ``target``) over ``target``, with
+    its content on the disk before the rename and the rename on the disk after it."""
+    _sync(Path(finished))
+    os.replace(finished, target)
+    _sync(Path(target).parent)
+
+
+def _sync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file and folder under ``folder``, and ``folder`` itself, from the OS cache to the disk: the
+    step before a rename that publishes it, since a crash of the machine (not only of the process) must not
+    find the new name pointing at data that never reached the disk. Writers such as safetensors, torch.save and
+    Accelerate's ``save_state`` close their files without this."""
+    folder = Path(folder)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            _sync(path)
+    _sync(folder)
 
 
 @contextlib.contextmanager
@@ -101,6 +130,7 @@ def atomic_entries(target: str | os.PathLike, marker: str, stale: tuple[str, ...
     try:
         yield tmp
         _make_ordinary(tmp)
+        _sync_tree(tmp)
         names = sorted(path.name for path in tmp.iterdir() if path.name != marker)
         aside = []
         for name in (marker, *names, *stale):
@@ -109,6 +139,7 @@ def atomic_entries(target: str | os.PathLike, marker: str, stale: tuple[str, ...
         for name in names:
             os.replace(tmp / name, target / name)
         os.replace(tmp / marker, target / marker)
+        _sync(target)
         for old in aside:
             _remove(old)
     finally:
@@ -210,6 +241,20 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
             f"{what} {folder} is not writable ({existing} refuses new files: {error.strerror}): give a folder you "
             "can write to, or fix its permissions."
         ) from None
+
+
+def _sync(path: Path) -> None:
+    """``fsync`` one file, or one folder (which puts its renames and new entries on the disk)."""
+    if path.is_dir() and os.name == "nt":
+        return  # Windows cannot open a folder as a file; NTFS journals its renames
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # a file system that keeps nothing to flush (some FUSE, /proc) says EINVAL
+            raise
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -18,6 +18,8 @@ def labelled_grid(sections: list[tuple[str, list[str], list[Image.Image], list[I
         sections (`list[tuple]`): `(title, prompts, generated, real)` per block; `generated` and `real` hold one
             image per prompt (any size, shown at `TILE`×`TILE`).
     """
+    if not sections or not all(prompts for _, prompts, _, _ in sections):
+        raise ValueError("A grid needs at least one section, each with at least one prompt.")
     font = ImageFont.load_default(size=11)
     title_font = ImageFont.load_default(size=14)
     line_height = 13

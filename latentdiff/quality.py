@@ -68,6 +68,8 @@ def match_rates(
         raise ValueError(
             f"Need one prompt per image and at least one: got {len(neighbours)} images, {len(prompts)} prompts."
         )
+    if permutations < 1:
+        raise ValueError(f"permutations={permutations}: the chance level needs at least one re-pairing.")
 
     def rate(pairs_of: list[int], key: str) -> float:
         return sum(neighbours[i][key] == prompts[j][key] for i, j in enumerate(pairs_of)) / len(prompts)

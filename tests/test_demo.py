@@ -151,6 +151,16 @@ def test_quality_features_and_errors():
         quality.features(torch.zeros(2, 32, 32))
     with pytest.raises(ValueError, match="one prompt per image"):
         quality.match_rates(RECORDS[:2], RECORDS[:3])
+    with pytest.raises(ValueError, match="permutations=0"):  # was ZeroDivisionError
+        quality.match_rates(RECORDS[:2], RECORDS[:2], permutations=0)
+
+
+def test_grid_refuses_an_empty_section():
+    from latentdiff.figures import labelled_grid
+
+    for sections in ([], [("seen", [], [], [])]):  # were max() of an empty sequence and a block without images
+        with pytest.raises(ValueError, match="at least one section, each with at least one prompt"):
+            labelled_grid(sections)
 
 
 def test_committed_base_opens_in_plain_diffusers(tmp_path, monkeypatch):

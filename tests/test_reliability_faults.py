@@ -453,3 +453,84 @@ def test_total_limit_never_deletes_the_resumed_or_the_new_checkpoint(reference, 
     assert_same_weights(output_dir / "checkpoint-2" / UNET, reference_dir / "checkpoint-2" / UNET)
     assert_same_weights(output_dir / "checkpoint-4" / UNET, reference_dir / "checkpoint-4" / UNET)
     assert any("checkpoint-5" in r.getMessage() and "latest" in r.getMessage() for r in caplog.records)
+
+
+# ---- machine crashes (power cut, preempted VM): what the OS had not yet written is lost --------------------------
+
+
+class WriteJournal:
+    """Records, in order, each `os.fsync` (by the path its descriptor names) and each `os.replace`, to check that
+    what a run publishes reached the disk before the rename that publishes it, and the rename after it."""
+
+    def __init__(self, monkeypatch):
+        self.events: list[tuple] = []
+        fsync, replace = os.fsync, os.replace
+
+        def recorded_fsync(fd):
+            self.events.append(("sync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+            return fsync(fd)
+
+        def recorded_replace(source, target):
+            source, target = Path(os.path.realpath(source)), Path(os.path.realpath(target))
+            replace(source, target)
+            self.events.append(("rename", source, target))
+
+        monkeypatch.setattr(os, "fsync", recorded_fsync)
+        monkeypatch.setattr(os, "replace", recorded_replace)
+
+    def not_durable(self, folder: Path) -> list[str]:
+        """Files under `folder` a machine crash could leave empty, half-written or missing: written in place, or
+        published by a rename before their data and the folders holding them were synced, or not synced after."""
+        problems = []
+        for path in sorted(Path(os.path.realpath(p)) for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(os.path.realpath(folder))
+            index, source, target = next(
+                ((i, *names) for i, (kind, *names) in reversed(list(enumerate(self.events)))
+                 if kind == "rename" and (path == names[1] or names[1] in path.parents)),
+                (None, None, None),
+            )  # fmt: skip
+            if index is None:
+                problems.append(f"{name}: written in place")
+                continue
+            before, after = self.events[:index], self.events[index + 1 :]
+            old = source / path.relative_to(target)
+            unsynced = [p for p in (old, *old.parents) if p == source or source in p.parents]
+            unsynced = [p for p in unsynced if ("sync", p) not in before]
+            if unsynced:
+                problems.append(f"{name}: {', '.join(map(str, unsynced))} not synced before the rename")
+            if ("sync", target.parent) not in after:
+                problems.append(f"{name}: the rename to {target} not synced")
+        return problems
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads descriptors' paths from /proc/self/fd")
+@pytest.mark.parametrize("lora", [False, True])
+def test_everything_a_run_writes_is_on_the_disk_before_its_name(reference, tmp_path, monkeypatch, lora):
+    """A power cut or a preempted VM loses the OS's unwritten cache; ext4 and XFS may have put a rename on the disk
+    before the data, so a checkpoint-N/ or a model folder that the rename made "complete" would hold empty files.
+    Every file of a run (checkpoints, the final pipeline or adapters, validation images, the card, the run's
+    options) must be synced before the rename that publishes it, and the rename synced after it."""
+    pipeline, data, _ = reference
+    output_dir = tmp_path / "out"
+    config = config_for(pipeline, data, output_dir, max_train_steps=2, checkpointing_steps=1, validation_epochs=1,
+                        validation_prompts=["a red square"], **({"lora_rank": 4} if lora else {}))
+    journal = WriteJournal(monkeypatch)
+    train(config)
+    monkeypatch.undo()
+    assert (output_dir / "checkpoint-2" / STATE_FILE).is_file() and list((output_dir / "validation").rglob("*.png"))
+    assert journal.not_durable(output_dir) == []
+
+
+def test_a_written_image_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
+    from latentdiff.atomic import atomic_dir, replace_file
+
+    journal = WriteJournal(monkeypatch)
+    atomic_write_text(tmp_path / "card.md", "card")
+    with atomic_dir(tmp_path / "images") as folder:
+        (folder / "nested").mkdir()
+        (folder / "nested" / "0.png").write_bytes(b"png")
+    (tmp_path / ".tmp-weights").write_bytes(b"weights")
+    replace_file(tmp_path / ".tmp-weights", tmp_path / "weights.safetensors")
+    assert journal.not_durable(tmp_path) == []
+    (tmp_path / "in_place.txt").write_text("x")
+    assert journal.not_durable(tmp_path) == ["in_place.txt: written in place"]  # the check can fail

@@ -187,9 +187,9 @@ def save_checkpoint(
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with disk_full_explained(output_dir, final.name, advice, partial=tmp):
+        with disk_full_explained(output_dir, final.name, advice, partial=tmp):  # a sync before the rename may say so
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        replace_folder(tmp, final)  # after a resume from an older checkpoint, the new state replaces the stale one
+            replace_folder(tmp, final)  # after a resume from an older checkpoint, the new state replaces the stale one
         logger.info(f"Saved training state to {final}")
         if total_limit is not None:
             rotate_checkpoints(output_dir, total_limit, keep, newest=final)

@@ -62,9 +62,9 @@ def save_trained(
                 saved = save_lora(output_dir, trained_unet, trained_text_encoder if config.train_text_encoder else None)
             final.load_lora_weights(output_dir)  # as users will: validation below samples from the saved file
         else:  # beside the checkpoints, swapped in whole: a crash leaves the old pipeline or no pipeline, no mix
-            with atomic_entries(output_dir, "model_index.json", stale=("README.md",)) as tmp:
-                with disk_full_explained(output_dir, "the trained pipeline", full_disk_advice(output_dir), partial=tmp):
-                    final.save_pretrained(tmp)
+            with disk_full_explained(output_dir, "the trained pipeline", full_disk_advice(output_dir)):  # the sync too
+                with atomic_entries(output_dir, "model_index.json", stale=("README.md",)) as tmp:
+                    final.save_pretrained(tmp)  # a failure removes tmp before the free space is measured
             saved = output_dir
         images = []
         if config.validation_prompts:

@@ -24,6 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from ..atomic import replace_file
+
+
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' scripts
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 ADAPTER_NAME = "default"
@@ -110,7 +113,7 @@ def save_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modul
         )  # fmt: skip
         written = Path(tmp) / LORA_WEIGHT_NAME
         written.chmod(0o644)  # an ordinary output file, not a private temporary one
-        os.replace(written, folder / LORA_WEIGHT_NAME)
+        replace_file(written, folder / LORA_WEIGHT_NAME)
     return folder / LORA_WEIGHT_NAME
 
 
