@@ -8,6 +8,7 @@ an epoch and a run resumed from a checkpoint gets exactly the examples the unint
 """
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
@@ -62,7 +63,7 @@ class ImageTransform:
     random_flip: bool = False
     interpolation: str = "lanczos"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.interpolation not in RESAMPLING:
             raise ValueError(
                 f"Unknown image interpolation mode {self.interpolation!r}: use one of {', '.join(RESAMPLING)}."
@@ -199,7 +200,7 @@ class EpochShuffler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self.num_rows
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.num_rows, generator=generator).tolist())
 

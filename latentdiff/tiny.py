@@ -98,7 +98,7 @@ def tiny_components(
     )
 
 
-def save_tiny_pipeline(out_dir: str | Path, seed: int = 0, **sizes) -> Path:
+def save_tiny_pipeline(out_dir: str | Path, seed: int = 0, **sizes: Any) -> Path:
     r"""Save `tiny_components(seed, **sizes)` as a diffusers pipeline folder (loadable by diffusers too).
 
     Args:

@@ -15,16 +15,16 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import scale_lora_layers
@@ -330,6 +330,12 @@ class LatentDiffusionPipeline(
                 prompts = self.maybe_convert_prompt([prompt] if isinstance(prompt, str) else prompt, self.tokenizer)
                 prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip)
             batch = prompt_embeds.shape[0]
+            given_tokens = None if negative_prompt_embeds is None else negative_prompt_embeds.shape[1]
+            if do_classifier_free_guidance and given_tokens not in (None, prompt_embeds.shape[1]):  # the cat would fail
+                raise ValueError(
+                    f"negative_prompt_embeds have {given_tokens} tokens, the prompts {prompt_embeds.shape[1]}: give "
+                    "negative_prompt_embeds of the prompts' length."
+                )
             if do_classifier_free_guidance and negative_prompt_embeds is None:
                 negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
                 negatives = self.maybe_convert_prompt(negatives, self.tokenizer)
@@ -434,7 +440,7 @@ class LatentDiffusionPipeline(
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[["LatentDiffusionPipeline", int, Any, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> StableDiffusionPipelineOutput | tuple:
         r"""Generate images from text.
 

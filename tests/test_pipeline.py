@@ -312,6 +312,7 @@ def test_a_unet_that_reuses_its_output_buffer_gives_the_same_images(pipe, monkey
         (dict(prompt=None, prompt_embeds=torch.zeros(2, 77, 32), negative_prompt_embeds=torch.zeros(1, 77, 32)),
          "must have the same shape"),
         (dict(prompt=PROMPTS, negative_prompt_embeds=torch.zeros(1, 77, 32)), "has 1 rows but there are 2 prompts"),
+        (dict(negative_prompt_embeds=torch.zeros(1, 10, 32)), "negative_prompt_embeds have 10 tokens, the prompts 77"),
         (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
         (dict(guidance_rescale=2.0), "guidance_rescale must be a number from 0 .* to 1"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),

@@ -141,4 +141,3 @@ class DiffusersUNetAPI:
         """Back to the plain up path."""
         for block in self.up_blocks:
             block.freeu = None
-

@@ -27,7 +27,6 @@ from .normalization import GroupNorm
 from .unet_config import check_config, check_fixed_options, drop_fixed_options, per_block
 
 
-
 def _refuse_adapters_while_fused(model: nn.Module) -> None:
     if projections_fused(model):
         raise ValueError(
@@ -241,7 +240,7 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
             ) from error
 
     @classmethod
-    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> tuple[dict, dict, dict]:
         """Refuse configs that need features we do not implement, instead of silently dropping them."""
         config_dict, kwargs = drop_fixed_options(config_dict, kwargs)
         return super().extract_init_dict(config_dict, **kwargs)

@@ -2,8 +2,8 @@
 
 import contextlib
 import os
-from datetime import timedelta
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -61,9 +61,7 @@ def _reset_accelerate_state() -> None:
 
 
 def _has_accelerator() -> bool:
-    if hasattr(torch, "accelerator"):  # torch ≥ 2.6: CUDA, XPU, MPS, ...
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
+    return torch.accelerator.is_available()  # CUDA, XPU, MPS, ... (torch ≥ 2.6, the dependency floor)
 
 
 def cpu_only_distributed() -> bool:

@@ -76,8 +76,9 @@ def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None
         if foreign:  # starting over would silently throw away the run they hold
             raise ValueError(
                 f"--resume_from_checkpoint latest: {', '.join(foreign)} in {output_dir} "
-                f"{'has' if len(foreign) == 1 else 'have'} no {STATE_FILE}, so latentdiff did not write them (diffusers' train_text_to_image.py checkpoints look like this) and "
-                "cannot resume them. Resume with the script that wrote them, or train into another --output_dir."
+                f"{'has' if len(foreign) == 1 else 'have'} no {STATE_FILE}, so latentdiff did not write them "
+                "(diffusers' train_text_to_image.py checkpoints look like this) and cannot resume them. Resume with "
+                "the script that wrote them, or train into another --output_dir."
             )
         return None
     for candidate in (Path(value), Path(output_dir) / value):
