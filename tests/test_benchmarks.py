@@ -272,3 +272,10 @@ def test_new_timestep_values_do_not_recompile():
         for t in (999, 500, 1):
             model(inputs["sample"], torch.tensor(t), inputs["encoder_hidden_states"])
     assert len(graphs) == 1
+
+
+def test_image_check_benchmark_runs_every_figure(capsys):
+    load_benchmark("image_check").main(["--images", "6", "--size", "64", "--threads", "1", "2", "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["1", "1"], ["1", "2"], ["2", "1"], ["2", "2"]]
+    assert all(float(row[2]) > 0 for row in rows) and rows[0][3] == "1.00"

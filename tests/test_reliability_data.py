@@ -85,6 +85,23 @@ def test_the_other_processes_drop_the_same_images_silently(tmp_path, small_bomb_
     assert len(rows) == 8 and not caplog.records and "Checking images" not in capsys.readouterr().err
 
 
+def test_parts_of_the_check_add_up_to_the_whole(tmp_path, small_bomb_limit):
+    """Training shares the image check out among its processes (`part` of `parts`) and pools the findings; the
+    images are opened on several threads. Both must find exactly what one thread checking everything finds."""
+    from latentdiff.data import drop_bad_images, find_bad_images
+
+    folder = messy_folder(tmp_path / "messy")
+    rows = load_image_caption_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "c"), check_images=False)
+    assert len(rows) == 13  # nothing dropped yet
+    whole = find_bad_images(rows, "image", threads=1)
+    assert len(whole) == 5
+    for parts in (2, 3, 13, 20):
+        found = [find_bad_images(rows, "image", part, parts, threads=3) for part in range(parts)]
+        assert sum(len(f) for f in found) == 5 and {k: v for f in found for k, v in f.items()} == whole, parts
+    kept = drop_bad_images(rows, "image", problems=whole)
+    assert len(kept) == 8 and drop_bad_images(rows, "image", problems={}) is rows  # the findings given are used
+
+
 def test_bad_images_stop_with_on_bad_image_error(tmp_path, small_bomb_limit):
     folder = messy_folder(tmp_path / "messy")
     with pytest.raises(ValueError, match=r"5 of 13 images cannot be used") as error:

@@ -13,15 +13,15 @@ from test_data import write_caption_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Runs the train script unchanged in each process, and records what that process did: the rows it loaded,
-# every file-system write it made under the output folder (Python's audit hooks), and its final weights.
+# Runs the train script unchanged in each process, and records what that process did: the images it checked, the
+# rows it loaded, every file-system write it made under the output folder (Python's audit hooks), and its final weights.
 DRIVER = r"""
 import hashlib, json, os, runpy, sys
 from pathlib import Path
 
 results, output_dir, script = Path(sys.argv[1]), Path(sys.argv[2]).resolve(), sys.argv[3]
 rank = int(os.environ["RANK"])
-record = {"rows": [], "writes": [], "weights": None}
+record = {"rows": [], "writes": [], "weights": None, "checked": []}
 
 def note(event, path):
     if isinstance(path, (str, bytes, os.PathLike)):
@@ -51,7 +51,14 @@ wrap(torch, "save")
 wrap(safetensors.torch, "save_file")
 
 import accelerate
+import latentdiff.data
 import latentdiff.examples
+
+image_problem = latentdiff.data.image_problem
+def recording_image_problem(value):  # the images this process opened before training
+    record["checked"].append(Path(value["path"]).name)
+    return image_problem(value)
+latentdiff.data.image_problem = recording_image_problem
 
 getitem = latentdiff.examples.ImageCaptionDataset.__getitem__
 def recording_getitem(self, index):
@@ -79,9 +86,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_in_two_processes(tiny_pipeline_path: Path, tmp_path: Path, *options: str) -> tuple[list[dict], Path]:
-    """The train script under torchrun (2 processes, 4 steps, checkpoints every 2): each rank's record, output dir."""
+def train_in_two_processes(
+    tiny_pipeline_path: Path, tmp_path: Path, *options: str, empty_image: str | None = None
+) -> tuple[list[dict], Path]:
+    """The train script under torchrun (2 processes, 4 steps, checkpoints every 2): each rank's record, output dir.
+    `empty_image` names one of the 12 images to empty (a file that cannot be trained on)."""
     data = write_caption_folder(tmp_path / "data", n=12)
+    if empty_image is not None:
+        (data / empty_image).write_bytes(b"")
     output_dir, results = tmp_path / "out", tmp_path / "results"
     results.mkdir()
     (tmp_path / "driver.py").write_text(DRIVER)
@@ -156,10 +168,15 @@ def test_two_processes_share_the_work(tiny_pipeline_path, tmp_path):
 
 def test_two_processes_train_lora_adapters(tiny_pipeline_path, tmp_path):
     """LoRA under DDP: the ranks end with the same weights (frozen base, synchronized adapters); rank 0 saves the
-    adapter file, in the run's folder and in each checkpoint, and no full UNet."""
+    adapter file, in the run's folder and in each checkpoint, and no full UNet. The processes share out the
+    check of the images, and all drop the bad one that one of them found."""
     ranks, output_dir = train_in_two_processes(tiny_pipeline_path, tmp_path, "--lora_rank", "4",
-                                               "--learning_rate", "1e-3")  # fmt: skip
+                                               "--learning_rate", "1e-3", empty_image="9.png")  # fmt: skip
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    # each process opened half of the images, and both dropped the empty one that only rank 1 opened
+    checked = [set(rank["checked"]) for rank in ranks]
+    assert len(checked[0]) == len(checked[1]) == 6 and checked[0] | checked[1] == {f"{i}.png" for i in range(12)}
+    assert "9.png" in checked[1] and max(row for _, row in ranks[0]["rows"] + ranks[1]["rows"]) == 10
     adapters = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert adapters and all(".lora_A." in key or ".lora_B." in key for key in adapters)
     assert any(tensor.abs().max() > 0 for key, tensor in adapters.items() if ".lora_B." in key)  # B starts at 0

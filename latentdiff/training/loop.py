@@ -20,12 +20,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..atomic import remove_leftovers
-from ..data import load_image_caption_dataset, warn_long_captions
+from ..data import drop_bad_images, find_bad_images, load_image_caption_dataset, warn_long_captions
 from ..examples import EpochShuffler, ImageCaptionDataset, ImageTransform, derive_seed, make_collate_fn
 from ..hub import create_hub_repo
 from ..text import encode_prompts
@@ -227,13 +227,18 @@ def _training_data(
 ) -> tuple[ImageCaptionDataset, torch.utils.data.DataLoader]:
     """The examples (each seeded by seed, epoch and row) and the prepared loader: one shared shuffled order per
     epoch, each process its share of the batches."""
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         rows = load_image_caption_dataset(
             dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name,
             train_data_dir=config.train_data_dir, cache_dir=config.cache_dir, image_column=config.image_column,
             caption_column=config.caption_column, max_train_samples=config.max_train_samples, seed=seed,
-            on_bad_image=config.on_bad_image, verbose=accelerator.is_main_process,
+            verbose=accelerator.is_main_process, check_images=False,
         )  # fmt: skip
+    # Each process opens its part of the images; all pool their findings, so that all drop the same rows
+    found = find_bad_images(rows, config.image_column, accelerator.process_index, accelerator.num_processes,
+                            verbose=accelerator.is_main_process)  # fmt: skip
+    problems = {row: why for part in gather_object([found]) for row, why in part.items()}
+    rows = drop_bad_images(rows, config.image_column, config.on_bad_image, accelerator.is_main_process, problems)
     if accelerator.is_main_process:
         warn_long_captions(rows, config.caption_column, models.tokenizer)
     transform = ImageTransform(
