@@ -15,7 +15,8 @@ from typing import Any, Self
 import torch
 from diffusers import DiffusionPipeline
 
-from latentdiff.components import PIPELINE_FOLDERS, load_unet, resolve_model_folder, unet_sharing_weights
+from latentdiff.components import load_unet, unet_sharing_weights
+from latentdiff.model_folder import PIPELINE_FOLDERS, resolve_model_folder
 from latentdiff.models import UNet2DConditionModel
 from latentdiff.tokenizer import save_vocab_files
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
 from latentdiff.components import ModelComponents, load_components
@@ -59,7 +59,7 @@ def test_a_variant_only_the_unet_has_loads_the_other_parts_plain(tiny_pipeline_p
 def test_a_hub_variant_fetches_plain_weights_for_the_parts_without_it(tiny_pipeline_path, tmp_path, monkeypatch):
     from huggingface_hub.utils import filter_repo_objects
 
-    import latentdiff.components as components
+    import latentdiff.model_folder as model_folder
 
     repo = tmp_path / "repo"  # a Hub repo with fp16 weights for the UNet only
     shutil.copytree(tiny_pipeline_path, repo)
@@ -74,10 +74,10 @@ def test_a_hub_variant_fetches_plain_weights_for_the_parts_without_it(tiny_pipel
             shutil.copy(repo / name, snapshot / name)
         return str(snapshot)
 
-    monkeypatch.setattr(components, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(model_folder, "snapshot_download", snapshot_download)
     token = None
     parts = load_components("org/model", variant="fp16")
-    assert isinstance(parts.vae, components.AutoencoderKL)
+    assert isinstance(parts.vae, AutoencoderKL)
     weights = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.safetensors"))
     assert weights == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
                        "vae/diffusion_pytorch_model.safetensors"]  # fmt: skip
@@ -117,7 +117,7 @@ def test_missing_folder_or_unreachable_hub_id_gives_one_clear_error(name, messag
 def test_hub_download_fetches_only_the_five_parts_in_one_format():
     from huggingface_hub.utils import filter_repo_objects
 
-    from latentdiff.components import _hub_patterns
+    from latentdiff.model_folder import _hub_patterns
 
     repo = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
             "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",

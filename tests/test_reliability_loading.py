@@ -184,12 +184,12 @@ def test_a_dtype_name_is_refused_not_loaded_as_float32(tiny_pipeline_path, name)
 def test_an_unreadable_weights_file_is_not_called_missing(tiny_pipeline_path, monkeypatch):
     """safetensors reports a file it may not read as "No such file or directory" (simulated: root reads any file;
     checked for real with the permission capabilities dropped)."""
-    import latentdiff.components
+    import latentdiff.model_folder
 
     def unreadable(path, framework):
         raise FileNotFoundError(f"No such file or directory: {path}")
 
-    monkeypatch.setattr(latentdiff.components, "safe_open", unreadable)
+    monkeypatch.setattr(latentdiff.model_folder, "safe_open", unreadable)
     with pytest.raises(PermissionError, match=r"vae/diffusion_pytorch_model.safetensors exists but cannot be read"):
         LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
 

@@ -14,7 +14,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from ..acceleration import compile_unet
-from ..components import load_components, resolve_model_folder, vae_scale_factor
+from ..components import load_components, vae_scale_factor
+from ..model_folder import resolve_model_folder
 from ..models import UNet2DConditionModel
 from .config import TrainConfig
 from .ema import EMAModel

@@ -4,7 +4,7 @@ must be a run's own, and the folder must be neither the model a run starts from 
 from pathlib import Path
 
 from ..atomic import check_writable
-from ..components import LORA_WEIGHT_NAME
+from ..model_folder import LORA_WEIGHT_NAME
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
 
