@@ -20,7 +20,7 @@ from torch import nn
 
 from .activations import get_activation
 from .attention import fuse_projections, projections_fused, unfuse_projections
-from .blocks import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
+from .stages import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 from .diffusers_api import DiffusersUNetAPI
 from .embeddings import SinusoidalTimesteps, TimestepEmbedding
 from .normalization import GroupNorm
