@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+_WINDOWS = os.name == "nt"
 _REPLACED = ".replaced-"  # prefix of a folder that `replace_folder` moved aside
 LEFTOVER_PREFIXES = (".tmp-", ".old-", _REPLACED)  # what interrupted writes leave: never part of the content
 # The names themselves: a random 8-character suffix (`tempfile`'s), a step, or a process id. A user's own
@@ -87,7 +88,7 @@ def _sync_tree(folder: str | os.PathLike) -> None:
     Accelerate's ``save_state`` close their files without this."""
     folder = Path(folder)
     for path in folder.rglob("*"):
-        if not path.is_symlink():
+        if not path.is_symlink() and (path.is_file() or path.is_dir()):  # opening a named pipe would block
             _sync(path)
     _sync(folder)
 
@@ -245,9 +246,10 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 
 def _sync(path: Path) -> None:
     """``fsync`` one file, or one folder (which puts its renames and new entries on the disk)."""
-    if path.is_dir() and os.name == "nt":
+    if _WINDOWS and path.is_dir():
         return  # Windows cannot open a folder as a file; NTFS journals its renames
-    fd = os.open(path, os.O_RDONLY)
+    # Windows' fsync (FlushFileBuffers) needs a handle open for writing: on a read-only one it fails with EBADF
+    fd = os.open(path, os.O_RDWR if _WINDOWS else os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as error:

@@ -230,9 +230,9 @@ def image_problem(value: dict | None) -> str | None:
     data, path = value.get("bytes"), value.get("path")
     if data is None and not os.path.isfile(path):
         return "missing file"
-    if (len(data) if data is not None else os.path.getsize(path)) == 0:
-        return "empty file"
-    try:
+    try:  # everything that touches the file: an error on one process alone would leave the others waiting for it
+        if (len(data) if data is not None else os.path.getsize(path)) == 0:
+            return "empty file"
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, still reading every byte
             image.load()

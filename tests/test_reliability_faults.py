@@ -534,3 +534,47 @@ def test_a_written_image_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
     assert journal.not_durable(tmp_path) == []
     (tmp_path / "in_place.txt").write_text("x")
     assert journal.not_durable(tmp_path) == ["in_place.txt: written in place"]  # the check can fail
+
+
+def test_syncing_on_windows_opens_files_for_writing(tmp_path, monkeypatch):
+    """Windows' fsync (`_commit`, i.e. FlushFileBuffers) needs a handle with write access and fails with EBADF on
+    one opened read-only, where POSIX syncs any descriptor: emulated here, as the test machines run Linux."""
+    import fcntl
+
+    from latentdiff import atomic
+    from latentdiff.atomic import atomic_dir, replace_file
+
+    fsync = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return fsync(fd)
+
+    (tmp_path / ".tmp-weights").write_bytes(b"weights")
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    monkeypatch.setattr(atomic, "_WINDOWS", True, raising=False)  # os.name itself would switch pathlib too
+    replace_file(tmp_path / ".tmp-weights", tmp_path / "weights.safetensors")
+    with atomic_dir(tmp_path / "images") as folder:
+        (folder / "0.png").write_bytes(b"png")
+    monkeypatch.undo()
+    assert (tmp_path / "weights.safetensors").read_bytes() == b"weights"
+    assert (tmp_path / "images" / "0.png").read_bytes() == b"png"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_in_a_saved_folder_does_not_block_the_sync(tmp_path):
+    """Opening a named pipe to sync it would wait for a writer forever: only files and folders are synced."""
+    import threading
+
+    from latentdiff.atomic import atomic_dir
+
+    def save():
+        with atomic_dir(tmp_path / "out") as folder:
+            os.mkfifo(folder / "pipe")
+            (folder / "0.png").write_bytes(b"png")
+
+    worker = threading.Thread(target=save, daemon=True)  # a blocked open cannot be interrupted: left behind
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and (tmp_path / "out" / "0.png").read_bytes() == b"png"
