@@ -578,3 +578,26 @@ def test_a_named_pipe_in_a_saved_folder_does_not_block_the_sync(tmp_path):
     worker.start()
     worker.join(timeout=30)
     assert not worker.is_alive() and (tmp_path / "out" / "0.png").read_bytes() == b"png"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder locks are flock, which Windows lacks")
+def test_a_second_run_into_a_live_runs_folder_is_refused_and_deletes_nothing(reference, tmp_path):
+    """Started into the folder of a run still writing, a run would delete that run's write in progress as a killed
+    run's leftover (and the two would write the same checkpoints): it is refused before it touches anything."""
+    import fcntl
+
+    pipeline, data, _ = reference
+    output_dir = tmp_path / "out"
+    live_write = output_dir / ".tmp-checkpoint-3"  # what the live run is writing now
+    live_write.mkdir(parents=True)
+    (live_write / "optimizer.bin").write_bytes(b"half")
+    live_run = os.open(output_dir, os.O_RDONLY)  # its lock, as its main process holds it (flock: per open file)
+    fcntl.flock(live_run, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ValueError, match=r"--output_dir .*out is in use by another training run"):
+            train(config_for(pipeline, data, output_dir, max_train_steps=1))
+        assert (live_write / "optimizer.bin").read_bytes() == b"half"
+    finally:
+        os.close(live_run)  # the live run ends
+    train(config_for(pipeline, data, output_dir, max_train_steps=1))
+    assert not live_write.exists() and (output_dir / "model_index.json").is_file()

@@ -9,6 +9,7 @@ loop, never of the global RNG's history, so a run resumed from a checkpoint cont
 uninterrupted run would have (same batches, crops, noise, timesteps: same weights).
 """
 
+import contextlib
 import dataclasses
 import math
 import secrets
@@ -45,7 +46,7 @@ from .finish import RunSummary, save_trained
 from .latents import cache_latent_dists, encode_latent_dists, sample_latents
 from .losses import diffusion_loss
 from .models import TrainingModels, build_optimizer, load_training_models, lr_scale
-from .output_folder import check_output_folder
+from .output_folder import check_output_folder, output_folder_held
 from .validation import sampling_pipeline, validate, validation_folder
 
 logger = get_logger(__name__)
@@ -68,11 +69,11 @@ def train(config: TrainConfig, trackers: Sequence[GeneralTracker] = ()) -> Path:
         `--lora_rank` the adapters (`pytorch_lora_weights.safetensors`), `README.md`, `checkpoint-<step>/` folders,
         `validation/step_<step>/` images and tracker logs.
     """
-    with accelerator_for(config, trackers) as accelerator:
-        return _train(config, accelerator)
+    with accelerator_for(config, trackers) as accelerator, contextlib.ExitStack() as held_for_the_run:
+        return _train(config, accelerator, held_for_the_run)
 
 
-def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
+def _train(config: TrainConfig, accelerator: Accelerator, held_for_the_run: contextlib.ExitStack) -> Path:
     output_dir = Path(config.output_dir)
 
     # 1. What this setup supports, the run's seed, the Hub repo
@@ -86,8 +87,8 @@ def _train(config: TrainConfig, accelerator: Accelerator) -> Path:
     seed = _run_seed(config, resume_from, accelerator)
     set_seed(seed)  # the global RNG: new weights (--unet_config, LoRA) and dropout; noise: the loop's generator
     check_output_folder(config)  # on every process: an error on the main one alone would leave the others waiting
+    held_for_the_run.enter_context(output_folder_held(output_dir, accelerator))  # no other run writes there now
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         leftovers = remove_leftovers(output_dir) + remove_leftovers(output_dir / "validation")  # of a killed run
         if leftovers:
             logger.info(f"Removed what an interrupted write left: {', '.join(str(p) for p in leftovers)}")

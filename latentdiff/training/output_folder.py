@@ -1,7 +1,14 @@
 """Whether `--output_dir` may take a run's files: the end of a run replaces some of its entries whole, so those
-must be a run's own, and the folder must be neither the model a run starts from nor inside its data."""
+must be a run's own, the folder must be neither the model a run starts from nor inside its data, and no other run
+may be writing into it."""
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from ..atomic import check_writable
 from ..model_folder import LORA_WEIGHT_NAME
@@ -41,3 +48,48 @@ def check_output_folder(config: TrainConfig) -> None:
 
 def _holds_a_run(folder: Path) -> bool:
     return (folder / "training_config.json").is_file() or bool(list_checkpoints(folder))
+
+
+@contextlib.contextmanager
+def output_folder_held(output_dir: Path, accelerator: Accelerator) -> Iterator[None]:
+    """Hold `output_dir` (created if missing) for the block; a run started into it meanwhile is refused, on all of
+    its processes. Its start would delete this run's writes in progress (`.tmp-*`) as a killed run's leftovers,
+    and the two would write the same checkpoint folders.
+
+    The main process takes an advisory `flock` on the folder itself, so nothing is added to the folder, and the
+    kernel releases it however the process ends. Where the file system has no such locks on folders (some network
+    file systems; Windows), the folder is not guarded.
+    """
+    held, refusal = None, None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        held, refusal = _lock_folder(output_dir)
+    refusal = broadcast_object_list([refusal])[0]
+    try:
+        if refusal is not None:
+            raise ValueError(refusal)
+        yield
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _lock_folder(folder: Path) -> tuple[int | None, str | None]:
+    """An open descriptor of `folder` holding its lock, or why it cannot be had (None, None: no locks here)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None, None
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None, (
+            f"--output_dir {folder} is in use by another training run (on this machine, or on one sharing the "
+            "folder): wait for it to end, or give another --output_dir."
+        )
+    except OSError:  # a file system without locks on folders
+        os.close(descriptor)
+        return None, None
+    return descriptor, None
