@@ -25,7 +25,7 @@ from ..atomic import disk_full_explained, remove_folder, replace_folder
 from ..components import load_matching_state_dict
 from ..models import UNet2DConditionModel
 from .ema import EMAModel
-from .lora import LORA_WEIGHT_NAME, load_lora, save_lora
+from .lora import LORA_WEIGHT_NAME, restore_lora, save_lora
 
 logger = logging.getLogger(__name__)  # messages come from the main process only
 
@@ -129,7 +129,7 @@ def register_hooks(accelerator: Accelerator, ema: EMAModel | None, lora: bool = 
         components = _by_component(accelerator, models)
         models.clear()  # loaded here: Accelerate must not load them again
         if lora:
-            load_lora(input_dir, **components)
+            restore_lora(input_dir, **components)
         else:
             for name, model in components.items():
                 folder = Path(input_dir) / name

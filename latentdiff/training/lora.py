@@ -117,7 +117,7 @@ def save_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modul
     return folder / LORA_WEIGHT_NAME
 
 
-def load_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None) -> None:
+def restore_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None) -> None:
     r"""Put the adapter weights of `folder/pytorch_lora_weights.safetensors` back into the attached adapters.
 
     For resuming: the adapters already exist (same rank and targets) and get the saved values bit for bit.
