@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -565,8 +566,6 @@ def test_syncing_on_windows_opens_files_for_writing(tmp_path, monkeypatch):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
 def test_a_named_pipe_in_a_saved_folder_does_not_block_the_sync(tmp_path):
     """Opening a named pipe to sync it would wait for a writer forever: only files and folders are synced."""
-    import threading
-
     from latentdiff.atomic import atomic_dir
 
     def save():
@@ -581,10 +580,15 @@ def test_a_named_pipe_in_a_saved_folder_does_not_block_the_sync(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="folder locks are flock, which Windows lacks")
-def test_a_second_run_into_a_live_runs_folder_is_refused_and_deletes_nothing(reference, tmp_path):
+def test_a_second_run_into_a_live_runs_folder_is_refused_and_deletes_nothing(reference, tmp_path, monkeypatch):
     """Started into the folder of a run still writing, a run would delete that run's write in progress as a killed
-    run's leftover (and the two would write the same checkpoints): it is refused before it touches anything."""
+    run's leftover (and the two would write the same checkpoints): it is refused before it touches anything, after
+    waiting a while (what a killed run's data loader workers hold is released within seconds)."""
     import fcntl
+
+    import latentdiff.training.output_folder as output_folder
+
+    monkeypatch.setattr(output_folder, "LOCK_WAIT_S", 2.0)
 
     pipeline, data, _ = reference
     output_dir = tmp_path / "out"
@@ -593,11 +597,16 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_deletes_nothing(ref
     (live_write / "optimizer.bin").write_bytes(b"half")
     live_run = os.open(output_dir, os.O_RDONLY)  # its lock, as its main process holds it (flock: per open file)
     fcntl.flock(live_run, fcntl.LOCK_EX)
+    live_run_ends = threading.Timer(1.0, os.close, [live_run])
     try:
-        with pytest.raises(ValueError, match=r"--output_dir .*out is in use by another training run"):
+        with pytest.raises(ValueError, match=r"--output_dir .*out is in use by another training run .*waited 2 s"):
             train(config_for(pipeline, data, output_dir, max_train_steps=1))
         assert (live_write / "optimizer.bin").read_bytes() == b"half"
+        live_run_ends.start()  # while the next run waits for the folder
+        train(config_for(pipeline, data, output_dir, max_train_steps=1))
     finally:
-        os.close(live_run)  # the live run ends
-    train(config_for(pipeline, data, output_dir, max_train_steps=1))
+        if live_run_ends.is_alive() or live_run_ends.finished.is_set():
+            live_run_ends.join()
+        else:
+            os.close(live_run)
     assert not live_write.exists() and (output_dir / "model_index.json").is_file()

@@ -3,7 +3,10 @@ must be a run's own, the folder must be neither the model a run starts from nor 
 may be writing into it."""
 
 import contextlib
+import itertools
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,12 @@ from ..atomic import check_writable
 from ..model_folder import LORA_WEIGHT_NAME
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# How long a run waits for its output folder's lock before it refuses: the data loader's worker processes of a run
+# just killed hold a copy of that run's lock until they notice their parent is gone (PyTorch checks every 5 s).
+LOCK_WAIT_S = 30.0
 
 # What the end of a run replaces whole (the pipeline's parts and the card), or writes over (the LoRA file).
 REPLACED_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "README.md",
@@ -57,7 +66,8 @@ def output_folder_held(output_dir: Path, accelerator: Accelerator) -> Iterator[N
     and the two would write the same checkpoint folders.
 
     The main process takes an advisory `flock` on the folder itself, so nothing is added to the folder, and the
-    kernel releases it however the process ends. Where the file system has no such locks on folders (some network
+    kernel releases it however the process ends (once the data loader's worker processes, which inherit it, have
+    ended too: hence the wait of `LOCK_WAIT_S` before a refusal). Where the file system has no such locks on folders (some network
     file systems; Windows), the folder is not guarded.
     """
     held, refusal = None, None
@@ -81,15 +91,22 @@ def _lock_folder(folder: Path) -> tuple[int | None, str | None]:
     except ImportError:  # Windows
         return None, None
     descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        return None, (
-            f"--output_dir {folder} is in use by another training run (on this machine, or on one sharing the "
-            "folder): wait for it to end, or give another --output_dir."
-        )
-    except OSError:  # a file system without locks on folders
-        os.close(descriptor)
-        return None, None
-    return descriptor, None
+    deadline = time.monotonic() + LOCK_WAIT_S
+    for attempt in itertools.count():
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor, None
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+            if attempt == 0:
+                logger.warning(f"{folder} is held by another run: waiting up to {LOCK_WAIT_S:.0f} s for it ...")
+            time.sleep(1.0)
+        except OSError:  # a file system without locks on folders
+            os.close(descriptor)
+            return None, None
+    os.close(descriptor)
+    return None, (
+        f"--output_dir {folder} is in use by another training run (on this machine, or on one sharing the folder; "
+        f"waited {LOCK_WAIT_S:.0f} s): wait for it to end, or give another --output_dir."
+    )
