@@ -19,6 +19,9 @@ from typing import BinaryIO
 
 
 _WINDOWS = os.name == "nt"
+# What a file system that keeps nothing to flush, or cannot flush (some FUSE and network ones, /proc), answers an
+# fsync with; a failing disk (EIO) or a full one (ENOSPC, EDQUOT) is an error.
+_CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 _REPLACED = ".replaced-"  # prefix of a folder that `replace_folder` moved aside
 LEFTOVER_PREFIXES = (".tmp-", ".old-", _REPLACED)  # what interrupted writes leave: never part of the content
 # The names themselves: a random 8-character suffix (`tempfile`'s), a step, or a process id. A user's own
@@ -253,7 +256,7 @@ def _sync(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError as error:
-        if error.errno != errno.EINVAL:  # a file system that keeps nothing to flush (some FUSE, /proc) says EINVAL
+        if error.errno not in _CANNOT_SYNC:
             raise
     finally:
         os.close(fd)

@@ -4,6 +4,7 @@ Every scenario is compared with one uninterrupted reference run (same options, b
 (resolve "latest", rotation with `keep`, exact resume) are unit-tested in tests/test_training.py.
 """
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -610,3 +611,26 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_deletes_nothing(ref
         else:
             os.close(live_run)
     assert not live_write.exists() and (output_dir / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("code", [errno.ENOTSUP, errno.EIO])
+def test_a_sync_the_file_system_cannot_do_is_skipped_and_a_failing_disk_loses_nothing(tmp_path, monkeypatch, code):
+    """A file system that cannot flush (ENOTSUP, EINVAL, ENOSYS: some FUSE and network ones) must not stop a run's
+    saves; a disk that fails the flush (EIO) stops the save before the rename, and the old folder stays whole."""
+    from latentdiff.atomic import atomic_dir
+
+    with atomic_dir(tmp_path / "images") as folder:
+        (folder / "0.png").write_bytes(b"old")
+
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with contextlib.ExitStack() as expect:
+        if code == errno.EIO:
+            expect.enter_context(pytest.raises(OSError, match=os.strerror(errno.EIO)))
+        with atomic_dir(tmp_path / "images") as folder:
+            (folder / "0.png").write_bytes(b"new")
+    monkeypatch.undo()
+    assert (tmp_path / "images" / "0.png").read_bytes() == (b"old" if code == errno.EIO else b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no .tmp- left either way
