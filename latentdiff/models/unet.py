@@ -20,10 +20,10 @@ from torch import nn
 
 from .activations import get_activation
 from .attention import fuse_projections, projections_fused, unfuse_projections
-from .stages import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 from .diffusers_api import DiffusersUNetAPI
 from .embeddings import SinusoidalTimesteps, TimestepEmbedding
 from .normalization import GroupNorm
+from .stages import AttentionSpec, DownBlock2D, ResnetSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 from .unet_config import check_config, check_fixed_options, drop_fixed_options, per_block
 
 

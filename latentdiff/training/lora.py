@@ -26,7 +26,6 @@ from torch import nn
 
 from ..atomic import replace_file
 
-
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' scripts
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 ADAPTER_NAME = "default"

@@ -67,8 +67,8 @@ def output_folder_held(output_dir: Path, accelerator: Accelerator) -> Iterator[N
 
     The main process takes an advisory `flock` on the folder itself, so nothing is added to the folder, and the
     kernel releases it however the process ends (once the data loader's worker processes, which inherit it, have
-    ended too: hence a short wait, `LOCK_WAIT_S`, before a refusal). Where the file system has no such locks on folders (some network
-    file systems; Windows), the folder is not guarded.
+    ended too: hence a short wait, `LOCK_WAIT_S`, before a refusal). Where the file system has no such locks on
+    folders (some network file systems; Windows), the folder is not guarded.
     """
     held, refusal = None, None
     if accelerator.is_main_process:
