@@ -12,6 +12,7 @@ Each figure of issue 8, for diffusers' UNet2DConditionModel and ours, same confi
     python benchmarks/gpu.py --only b --profile kernels.txt   # + each variant's top kernels and time by kind
     python benchmarks/gpu.py --table a.json bcd.json          # markdown rows for docs/performance.md
     python benchmarks/gpu.py --device cpu --tiny              # the same code on a tiny config: checks the script
+    python benchmarks/gpu.py --plan c:diffusers/eager,c:ours/compile-cg+compile-vae@profile --profile k.txt
 
 A variant is levers joined by '+': eager (none), compile, compile-cg (+ CUDA graphs), compile-max
 (max-autotune), channels-last, flash / cudnn / efficient / math (attention kernel), fuse-qkv, compile-vae (c, d),
@@ -206,6 +207,7 @@ class Bench:
                  profile: str | None = None):  # fmt: skip
         self.sizes, self.device, self.warmup, self.repeats, self.peak_flops = sizes, device, warmup, repeats, peak_flops
         self.profile = profile  # a text file that gets each timed variant's kernel table
+        self.profiling = True  # whether the variant now running is profiled (a --plan item marked @profile)
         # bf16 as the issue measures it; fp32 on a CPU, whose bf16 convolutions are slower, not faster
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tokenizer = build_clip_tokenizer()
@@ -251,7 +253,7 @@ class Bench:
     def profile_calls(self, part: str, kind: str, variant: Variant, call: Callable[[], object]) -> dict:
         """With --profile: append the call's kernel table to the profile file; return its device milliseconds
         per call by kernel kind (`kernel_ms_by_kind`), the input of the profile-based account."""
-        if not self.profile:
+        if not self.profile or not self.profiling:
             return {}
         try:  # one call of a 50-step pipeline is ~1 M profiler events already: minutes of post-processing each
             table, by_kind = profile_kernels(call, self.device, calls=1 if part in ("c", "d") else 3)
@@ -341,8 +343,10 @@ class Bench:
         figures |= self.profile_calls(part, kind, variant, call)
         return figures, outputs[0].float().cpu()
 
-    def run(self, part: str, kind: str, variant: Variant) -> dict:
-        """One variant's figures; an error (OOM, graph break, missing lever) is recorded, not raised."""
+    def run(self, part: str, kind: str, variant: Variant, profile: bool = True) -> dict:
+        """One variant's figures (with its kernel table if `profile` and --profile); an error (OOM, graph break,
+        missing lever) is recorded, not raised."""
+        self.profiling = profile
         torch._dynamo.reset()  # a fresh compile cache (and the last variant's CUDA-graph pools let go), then free
         _release(self.device)
         counters["inductor"].clear()
@@ -456,8 +460,41 @@ def choose_variants(only: str, diffusers_names: str | None, ours_names: str | No
     return chosen
 
 
-def benchmark(args: argparse.Namespace, device: torch.device, variants: dict, argv: list[str]) -> dict:
-    """Run every chosen variant of every part, printing each result as it comes; returns the results."""
+Item = tuple[str, str, Variant, bool]  # part, "diffusers" or "ours", variant, profiled
+
+
+def schedule(variants: dict) -> list[Item]:
+    """The order of a run from `choose_variants`: per part, diffusers' eager run first (every variant's
+    reference), then ours, then diffusers' others: a call stopped at the device's time limit has lost the least
+    interesting figures. Every item is profiled when --profile is given."""
+    items = []
+    for part, kinds in variants.items():
+        reference = [("diffusers", v) for v in kinds["diffusers"] if v.name == "eager"]
+        others = [("diffusers", v) for v in kinds["diffusers"] if v.name != "eager"]
+        items += [(part, kind, v, True) for kind, v in reference + [("ours", v) for v in kinds["ours"]] + others]
+    return items
+
+
+def parse_plan(plan: str) -> list[Item]:
+    """'c:diffusers/eager,c:ours/compile-cg+compile-vae@profile,a:ours/eager' → items run in that order, across
+    parts: one process (one build of the seeded weights) for a whole device call. With --profile only the items
+    marked @profile are profiled (a 50-step eager pipeline is a million profiler events: minutes)."""
+    items = []
+    for entry in (e.strip() for e in plan.split(",") if e.strip()):
+        item, marked = entry.removesuffix("@profile"), entry.endswith("@profile")
+        part, _, rest = item.partition(":")
+        kind, _, name = rest.partition("/")
+        if part not in PARTS or kind not in UNETS or not name:
+            raise ValueError(f"--plan item {entry!r}: write PART:KIND/VARIANT[@profile], PART among "
+                             f"{', '.join(PARTS)}, KIND diffusers or ours, e.g. c:ours/compile-cg+compile-vae.")  # fmt: skip
+        items.append((part, kind, parse_variant(name, part), marked))
+    if not items:
+        raise ValueError("--plan names no item: write PART:KIND/VARIANT items, comma-separated.")
+    return items
+
+
+def benchmark(args: argparse.Namespace, device: torch.device, items: list[Item], argv: list[str]) -> dict:
+    """Run every item in order, printing each result as it comes; returns the results."""
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_bf16_flops(name) if cuda else None)
@@ -470,20 +507,15 @@ def benchmark(args: argparse.Namespace, device: torch.device, variants: dict, ar
             "argv": argv}  # fmt: skip
     print("gpu benchmark: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k != "argv"), flush=True)
     results: dict = {}
-    for part, kinds in variants.items():
-        # diffusers' eager run first (every variant's reference), then ours, then diffusers' others: a call stopped
-        # at the device's time limit has lost the least interesting figures
-        reference = [("diffusers", v) for v in kinds["diffusers"] if v.name == "eager"]
-        others = [("diffusers", v) for v in kinds["diffusers"] if v.name != "eager"]
-        for kind, variant in reference + [("ours", v) for v in kinds["ours"]] + others:
-            figures = bench.run(part, kind, variant)
-            results.setdefault(part, {})[f"{kind}/{variant.name}"] = figures
-            print(f"{part} {kind}/{variant.name}: {describe(part, figures)}", flush=True)
-            if "kernel_ms_by_kind" in figures:
-                print(f"  {describe_breakdown(figures['kernel_ms_by_kind'], figures['seconds'])}", flush=True)
-            if args.json:  # after every variant: a run stopped at the device's time limit keeps what it measured
-                flops = {f"{p}/{k}": value for (p, k), value in bench.flops.items()}
-                write_json(args.json, {"meta": meta, "flops": flops, "results": results, "ratios": ratios(results)})
+    for part, kind, variant, profile in items:
+        figures = bench.run(part, kind, variant, profile)
+        results.setdefault(part, {})[f"{kind}/{variant.name}"] = figures
+        print(f"{part} {kind}/{variant.name}: {describe(part, figures)}", flush=True)
+        if "kernel_ms_by_kind" in figures:
+            print(f"  {describe_breakdown(figures['kernel_ms_by_kind'], figures['seconds'])}", flush=True)
+        if args.json:  # after every variant: a run stopped at the device's time limit keeps what it measured
+            flops = {f"{p}/{k}": value for (p, k), value in bench.flops.items()}
+            write_json(args.json, {"meta": meta, "flops": flops, "results": results, "ratios": ratios(results)})
     return results
 
 
@@ -494,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts among a,b,c,d")
     parser.add_argument("--ours", default=None, help="comma-separated variants of ours for every part run")
     parser.add_argument("--diffusers", default=None, help="comma-separated variants of diffusers' for every part")
+    parser.add_argument("--plan", default=None, help="instead of --only/--ours/--diffusers: comma-separated "
+                        "PART:KIND/VARIANT items run in this order, @profile marking those --profile profiles")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default 3 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default per part)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
@@ -511,7 +545,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(results))
         return 0
     device = torch.device(args.device)
-    variants = choose_variants(args.only, args.diffusers, args.ours, cuda=device.type == "cuda")
+    try:
+        if args.plan is not None:
+            items = parse_plan(args.plan)
+        else:
+            items = schedule(choose_variants(args.only, args.diffusers, args.ours, cuda=device.type == "cuda"))
+    except ValueError as error:  # a bad part, variant or plan item: one line naming it, exit status 2
+        parser.error(str(error))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU and none is visible here: no figures. "
               "To check the script on this machine: python benchmarks/gpu.py --device cpu --tiny")  # fmt: skip
@@ -522,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=".*lru_cache")  # dynamo tracing diffusers' is_torch_version
         diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every .to()
         try:
-            results = benchmark(args, device, variants, sys.argv[1:] if argv is None else argv)
+            results = benchmark(args, device, items, sys.argv[1:] if argv is None else argv)
         finally:
             diffusers.utils.logging.set_verbosity(verbosity)
     print(markdown_table(results))

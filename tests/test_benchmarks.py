@@ -98,7 +98,7 @@ def test_table_reprints_saved_results(gpu, tiny_run, capsys):
 def test_profile_appends_one_kernel_table_per_variant(gpu, tmp_path):
     """The profiler's table of a call (on the CPU here: the profiler costs ms per operator, so one convolution)."""
     bench = gpu.Bench.__new__(gpu.Bench)  # only the profile file and the device are needed
-    bench.profile, bench.device = str(tmp_path / "kernels.txt"), torch.device("cpu")
+    bench.profile, bench.profiling, bench.device = str(tmp_path / "kernels.txt"), True, torch.device("cpu")
     conv, image = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
     for name in ("eager", "compile"):
         figures = bench.profile_calls("b", "ours", gpu.Variant(name), lambda: conv(image))
@@ -178,6 +178,32 @@ def test_variants_parse_and_bad_ones_are_named(gpu):
         gpu.parse_variant("compile-vae", "c")
     with pytest.raises(ValueError, match="--only"):
         gpu.choose_variants("a,e", None, None, cuda=True)
+
+
+def test_a_plan_runs_its_items_in_order_and_profiles_the_marked_ones(gpu, tmp_path, capsys):
+    """One process for a whole device call: items across parts in the order given, @profile where marked."""
+    profile, out = tmp_path / "kernels.txt", tmp_path / "plan.json"
+    plan = "b:diffusers/eager,b:ours/eager@profile,a:ours/eager,b:ours/channels-last"
+    argv = ["--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "0", "--plan", plan,
+            "--profile", str(profile), "--json", str(out)]  # fmt: skip
+    assert gpu.main(argv) == 0
+    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line[:2] in ("a ", "b ")]
+    assert printed == ["b diffusers/eager", "b ours/eager", "a ours/eager", "b ours/channels-last"]
+    results = json.loads(out.read_text())["results"]
+    assert "kernel_ms_by_kind" in results["b"]["ours/eager"]
+    assert not any("kernel_ms_by_kind" in results[p][n] for p, n in [("b", "diffusers/eager"), ("a", "ours/eager")])
+    assert [line for line in profile.read_text().splitlines() if line.startswith("## ")] == ["## b ours/eager"]
+    assert results["b"]["ours/channels-last"]["err_vs_eager"] < 1e-4  # the reference ran earlier in the plan
+
+
+@pytest.mark.parametrize("item", ["e:ours/eager", "c:theirs/eager", "c:ours", "c:ours/compile-vae", ""])
+def test_a_bad_plan_item_is_named_before_anything_runs(gpu, item, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        gpu.main(["--device", "cpu", "--tiny", "--plan", item])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "--plan" in error or "compile-vae" in error, error
+    assert item.split(":")[0] in error
 
 
 def test_count_flops_counts_products_at_two_per_multiply_add():
