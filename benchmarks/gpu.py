@@ -42,39 +42,26 @@ from transformers import CLIPTextModel
 
 import latentdiff
 from latentdiff.acceleration import (
-    ATTENTION_BACKENDS,
     attention_backend,
     compile_pipeline,
     compile_unet,
     count_flops,
     peak_bf16_flops,
 )
-from latentdiff.atomic import atomic_write_text
 from latentdiff.models.normalization import set_norm_upcast
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.tiny import SD_SCHEDULE, clip_text_config
 from latentdiff.tokenizer import build_clip_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_report import describe, markdown_table, ratios, write_json  # noqa: E402  (beside this file)
+from gpu_variants import CUDA_GRAPH_MODES, PARTS, Item, Variant, choose_variants, parse_plan, schedule  # noqa: E402
 from kernel_time import describe_breakdown, profile_kernels  # noqa: E402  (beside this file)
 from unet import CONFIGS, make_inputs  # noqa: E402  (the UNet benchmark beside this file)
 
-PARTS = ("a", "b", "c", "d")
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 UNETS = {"diffusers": diffusers.UNet2DConditionModel, "ours": latentdiff.UNet2DConditionModel}
-# compile-max alone autotunes GEMMs/convs without CUDA graphs (inductor's "max-autotune" mode also turns them on,
-# and coordinate-descent tuning: that is compile-max+compile-cg), so that each lever is measured on its own.
-COMPILE_LEVERS = {"compile": "default", "compile-cg": "reduce-overhead", "compile-max": "max-autotune-no-cudagraphs"}
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-LEVERS = ("eager", *COMPILE_LEVERS, "channels-last", "fuse-qkv", "compile-vae", "upcast-norms", *ATTENTION_BACKENDS)
-DEFAULT_VARIANTS = {
-    "a": {"diffusers": ["eager"], "ours": ["eager", "eager+upcast-norms", "compile"]},
-    "b": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile"]},
-    "c": {"diffusers": ["eager", "compile"], "ours": ["eager", "compile", "compile-cg+compile-vae"]},  # the target
-    "d": {"diffusers": ["eager"], "ours": ["eager", "compile"]},
-}
-CPU_VARIANTS = {"diffusers": ["eager"], "ours": ["eager"]}  # inductor's C++ build takes minutes on a CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,36 +89,6 @@ TINY = Sizes(
               num_attention_heads=4),
     train_batch=4, image=32, steps=4, images={"c": 1, "d": 2},
 )  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    compile_mode: str | None = None
-    attention: str | None = None
-    channels_last: bool = False
-    fuse_qkv: bool = False
-    compile_vae: bool = False
-    upcast_norms: bool = False
-
-
-def parse_variant(name: str, part: str) -> Variant:
-    """'compile+channels-last' → Variant; a ValueError names a lever that is unknown or misplaced."""
-    levers = set(name.split("+")) - {"eager"}
-    unknown = levers - set(LEVERS)
-    if unknown or not name:
-        raise ValueError(f"Unknown lever(s) {sorted(unknown) or [name]} in variant {name!r}: use {', '.join(LEVERS)}.")
-    compile_modes = [COMPILE_LEVERS[lever] for lever in levers if lever in COMPILE_LEVERS]
-    if sorted(compile_modes) == ["max-autotune-no-cudagraphs", "reduce-overhead"]:  # compile-max+compile-cg
-        compile_modes = ["max-autotune"]
-    backends = [lever for lever in levers if lever in ATTENTION_BACKENDS]
-    if len(compile_modes) > 1 or len(backends) > 1:
-        raise ValueError(f"Variant {name!r} names more than one compile mode or attention kernel: pick one.")
-    if "compile-vae" in levers and (part in ("a", "b") or not compile_modes):
-        raise ValueError(f"Variant {name!r}: compile-vae goes with a compile lever, in parts c and d only.")
-    return Variant(name, compile_modes[0] if compile_modes else None, backends[0] if backends else None,
-                   "channels-last" in levers, "fuse-qkv" in levers, "compile-vae" in levers,
-                   "upcast-norms" in levers)  # fmt: skip
 
 
 def prepare_unet(unet: torch.nn.Module, variant: Variant, compile_now: bool = True) -> torch.nn.Module:
@@ -375,122 +332,6 @@ def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-# ---- reporting -------------------------------------------------------------------------------------------------
-
-FIGURE_NAMES = {
-    "a": "training step, bf16 autocast, fused AdamW",
-    "b": "UNet forward, bf16, batch 2",
-    "c": "DDIM + CFG end to end, 1 image",
-    "d": "DDIM + CFG end to end, 8 images",
-}
-
-
-def describe(part: str, figures: dict) -> str:
-    """One result as the issue's table writes it: '89.8 samples/s, 216 TFLOP/s, MFU 21.9%, 49.0 GiB'."""
-    if "error" in figures:
-        return f"error: {figures['error']}"
-    if part == "a":
-        text = f"{figures['samples_per_s']:.1f} samples/s, {figures['tflops_per_s']:.3g} TFLOP/s"
-        text += f", MFU {figures['mfu']:.1%}" if figures.get("mfu") is not None else ""
-    elif part == "b":
-        text = f"{figures['seconds'] * 1e3:.2f} ms, {figures['tflops_per_s']:.3g} TFLOP/s"
-    else:
-        text = f"{figures['seconds']:.3f} s"
-        text += f", {figures['host_syncs']} host syncs" if "host_syncs" in figures else ""
-    text += f" (±{figures['spread'] / 2:.0%})" if figures["spread"] >= 0.02 else ""
-    text += f", {figures['peak_gib']:.1f} GiB" if figures.get("peak_gib") is not None else ""
-    errors = [f"{k[4:]} {figures[k]:.1e}" for k in ("err_vs_diffusers_eager", "err_vs_eager") if k in figures]
-    return text + (f"; rel. err. {', '.join(errors)}" if errors else "")
-
-
-def ratios(results: dict) -> dict:
-    """Per part and variant: speed-up over diffusers (its eager run and the same variant) and the peak ratio."""
-    table = {}
-    for part, rows in results.items():
-        base = rows.get("diffusers/eager", {})
-        for name, figures in rows.items():
-            if "error" in figures or "seconds" not in base or name == "diffusers/eager":
-                continue
-            same = rows.get("diffusers/" + name.split("/", 1)[1], {})
-            entry = {"speedup_vs_diffusers_eager": base["seconds"] / figures["seconds"],
-                     "time_ratio_vs_diffusers_eager": figures["seconds"] / base["seconds"]}  # fmt: skip
-            if name.startswith("ours/") and not name.endswith("/eager") and "seconds" in same:
-                entry["speedup_vs_diffusers_same_variant"] = same["seconds"] / figures["seconds"]
-            if figures.get("peak_gib") and base.get("peak_gib"):
-                entry["peak_ratio_vs_diffusers_eager"] = figures["peak_gib"] / base["peak_gib"]
-            table.setdefault(part, {})[name] = entry
-    return table
-
-
-def markdown_table(results: dict) -> str:
-    lines = ["| figure | model / variant | measured | speed-up vs diffusers eager (same variant) | peak vs diffusers |",
-             "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    speedups = ratios(results)
-    for part in PARTS:
-        for name, figures in results.get(part, {}).items():
-            entry = speedups.get(part, {}).get(name, {})
-            speedup = f"×{entry['speedup_vs_diffusers_eager']:.2f}" if entry else ""
-            if "speedup_vs_diffusers_same_variant" in entry:
-                speedup += f" (×{entry['speedup_vs_diffusers_same_variant']:.2f})"
-            peak = f"×{entry['peak_ratio_vs_diffusers_eager']:.2f}" if "peak_ratio_vs_diffusers_eager" in entry else ""
-            lines.append(f"| {part}: {FIGURE_NAMES[part]} | {name} | {describe(part, figures)} | {speedup} | {peak} |")
-    return "\n".join(lines)
-
-
-def write_json(path: str, report: dict) -> None:
-    """Atomically: a reader (or a run killed mid-write) never sees half a file."""
-    atomic_write_text(path, json.dumps(report, indent=2))
-
-
-def choose_variants(only: str, diffusers_names: str | None, ours_names: str | None, cuda: bool) -> dict:
-    """{part: {"diffusers": [Variant], "ours": [Variant]}} from the command line, or each part's defaults."""
-    parts = [p.strip() for p in only.split(",") if p.strip()]
-    if not parts or any(p not in PARTS for p in parts):
-        raise ValueError(f"--only {only!r}: choose among {', '.join(PARTS)}, comma-separated.")
-    chosen = {}
-    for part in parts:
-        defaults = DEFAULT_VARIANTS[part] if cuda else CPU_VARIANTS
-        names = {"diffusers": diffusers_names, "ours": ours_names}
-        chosen[part] = {
-            kind: [parse_variant(n.strip(), part) for n in (names[kind].split(",") if names[kind] else defaults[kind])]
-            for kind in ("diffusers", "ours")
-        }
-    return chosen
-
-
-Item = tuple[str, str, Variant, bool]  # part, "diffusers" or "ours", variant, profiled
-
-
-def schedule(variants: dict) -> list[Item]:
-    """The order of a run from `choose_variants`: per part, diffusers' eager run first (every variant's
-    reference), then ours, then diffusers' others: a call stopped at the device's time limit has lost the least
-    interesting figures. Every item is profiled when --profile is given."""
-    items = []
-    for part, kinds in variants.items():
-        reference = [("diffusers", v) for v in kinds["diffusers"] if v.name == "eager"]
-        others = [("diffusers", v) for v in kinds["diffusers"] if v.name != "eager"]
-        items += [(part, kind, v, True) for kind, v in reference + [("ours", v) for v in kinds["ours"]] + others]
-    return items
-
-
-def parse_plan(plan: str) -> list[Item]:
-    """'c:diffusers/eager,c:ours/compile-cg+compile-vae@profile,a:ours/eager' → items run in that order, across
-    parts: one process (one build of the seeded weights) for a whole device call. With --profile only the items
-    marked @profile are profiled (a 50-step eager pipeline is a million profiler events: minutes)."""
-    items = []
-    for entry in (e.strip() for e in plan.split(",") if e.strip()):
-        item, marked = entry.removesuffix("@profile"), entry.endswith("@profile")
-        part, _, rest = item.partition(":")
-        kind, _, name = rest.partition("/")
-        if part not in PARTS or kind not in UNETS or not name:
-            raise ValueError(f"--plan item {entry!r}: write PART:KIND/VARIANT[@profile], PART among "
-                             f"{', '.join(PARTS)}, KIND diffusers or ours, e.g. c:ours/compile-cg+compile-vae.")  # fmt: skip
-        items.append((part, kind, parse_variant(name, part), marked))
-    if not items:
-        raise ValueError("--plan names no item: write PART:KIND/VARIANT items, comma-separated.")
-    return items
 
 
 def benchmark(args: argparse.Namespace, device: torch.device, items: list[Item], argv: list[str]) -> dict:

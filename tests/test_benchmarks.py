@@ -162,22 +162,23 @@ def test_profiled_training_step_reports_its_time_by_kind(gpu, tmp_path):
     assert printed.getvalue().count("  kernels ") == 2 and "## a ours/eager" in (tmp_path / "kernels.txt").read_text()
 
 
-def test_variants_parse_and_bad_ones_are_named(gpu):
-    variant = gpu.parse_variant("compile-cg+channels-last+cudnn", "b")
+def test_variants_parse_and_bad_ones_are_named():
+    variants = load_benchmark("gpu_variants")
+    variant = variants.parse_variant("compile-cg+channels-last+cudnn", "b")
     assert (variant.compile_mode, variant.attention, variant.channels_last) == ("reduce-overhead", "cudnn", True)
-    assert gpu.parse_variant("eager", "a") == gpu.Variant("eager")
-    assert gpu.parse_variant("compile-max", "b").compile_mode == "max-autotune-no-cudagraphs"  # one lever at a time
-    assert gpu.parse_variant("compile-max+compile-cg", "b").compile_mode == "max-autotune"
+    assert variants.parse_variant("eager", "a") == variants.Variant("eager")
+    assert variants.parse_variant("compile-max", "b").compile_mode == "max-autotune-no-cudagraphs"  # one lever at a time
+    assert variants.parse_variant("compile-max+compile-cg", "b").compile_mode == "max-autotune"
     with pytest.raises(ValueError, match="turbo"):
-        gpu.parse_variant("compile+turbo", "b")
+        variants.parse_variant("compile+turbo", "b")
     with pytest.raises(ValueError, match="more than one"):
-        gpu.parse_variant("compile+compile-max", "b")
+        variants.parse_variant("compile+compile-max", "b")
     with pytest.raises(ValueError, match="compile-vae"):
-        gpu.parse_variant("compile+compile-vae", "b")
+        variants.parse_variant("compile+compile-vae", "b")
     with pytest.raises(ValueError, match="compile-vae"):
-        gpu.parse_variant("compile-vae", "c")
+        variants.parse_variant("compile-vae", "c")
     with pytest.raises(ValueError, match="--only"):
-        gpu.choose_variants("a,e", None, None, cuda=True)
+        variants.choose_variants("a,e", None, None, cuda=True)
 
 
 def test_a_plan_runs_its_items_in_order_and_profiles_the_marked_ones(gpu, tmp_path, capsys):
