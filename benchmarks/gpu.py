@@ -165,6 +165,9 @@ class Bench:
         self.sizes, self.device, self.warmup, self.repeats, self.peak_flops = sizes, device, warmup, repeats, peak_flops
         self.profile = profile  # a text file that gets each timed variant's kernel table
         self.profiling = True  # whether the variant now running is profiled (a --plan item marked @profile)
+        if profile and device.type == "cuda":  # the profiler set up before any CUDA graph is captured: a replay of a
+            with torch.profiler.profile():  # graph captured earlier can hang or fail in it (pytorch/pytorch#75504)
+                pass
         # bf16 as the issue measures it; fp32 on a CPU, whose bf16 convolutions are slower, not faster
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tokenizer = build_clip_tokenizer()
