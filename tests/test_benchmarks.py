@@ -95,6 +95,22 @@ def test_table_reprints_saved_results(gpu, tiny_run, capsys):
     assert gpu.markdown_table(report["results"]) in printed
 
 
+def test_ours_is_compared_with_the_fastest_diffusers_variant_of_the_run(gpu):
+    """The sampling target's ratio (ours' best against diffusers compiled), whatever the variants are named."""
+    report = gpu  # its ratios and markdown_table (from gpu_report.py beside it)
+    rows = {"diffusers/eager": {"seconds": 1.4, "spread": 0}, "diffusers/compile": {"seconds": 0.7, "spread": 0},
+            "diffusers/compile-max": {"error": "OOM"}, "ours/eager": {"seconds": 1.0, "spread": 0},
+            "ours/compile-cg+compile-vae": {"seconds": 0.35, "spread": 0}}  # fmt: skip
+    entries = report.ratios({"c": rows})["c"]
+    assert entries["ours/compile-cg+compile-vae"]["speedup_vs_diffusers_fastest"] == pytest.approx(2.0)
+    assert entries["ours/eager"]["speedup_vs_diffusers_fastest"] == pytest.approx(0.7)
+    assert {entry.get("diffusers_fastest") for name, entry in entries.items() if name.startswith("ours/")} == {"compile"}
+    assert "speedup_vs_diffusers_fastest" not in entries["diffusers/compile"]
+    assert "| ×4.00 | ×2.00 (compile) |" in report.markdown_table({"c": rows})
+    only_eager = report.ratios({"c": {"diffusers/eager": {"seconds": 1.4}, "ours/eager": {"seconds": 1.0}}})
+    assert "speedup_vs_diffusers_fastest" not in only_eager["c"]["ours/eager"]  # the eager column says it already
+
+
 def test_profile_appends_one_kernel_table_per_variant(gpu, tmp_path):
     """The profiler's table of a call (on the CPU here: the profiler costs ms per operator, so one convolution)."""
     bench = gpu.Bench.__new__(gpu.Bench)  # only the profile file and the device are needed
