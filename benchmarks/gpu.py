@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     try:
         if args.plan is not None:
+            if args.ours or args.diffusers or args.only != parser.get_default("only"):
+                raise ValueError("--plan names every item itself: leave out --only, --ours and --diffusers.")
             items = parse_plan(args.plan)
         else:
             items = schedule(choose_variants(args.only, args.diffusers, args.ours, cuda=device.type == "cuda"))

@@ -223,6 +223,12 @@ def test_a_bad_plan_item_is_named_before_anything_runs(gpu, item, capsys):
     assert item.split(":")[0] in error
 
 
+def test_a_plan_with_the_per_part_options_is_refused(gpu, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        gpu.main(["--device", "cpu", "--tiny", "--plan", "b:ours/eager", "--ours", "compile"])
+    assert stopped.value.code == 2 and "leave out --only, --ours and --diffusers" in capsys.readouterr().err
+
+
 def test_count_flops_counts_products_at_two_per_multiply_add():
     assert count_flops(nn.Linear(8, 16), torch.randn(4, 8)) == 2 * 4 * 8 * 16
     conv = nn.Conv2d(3, 5, 3)  # 7×7 → 5×5
