@@ -9,6 +9,7 @@ the rename on the disk before the data).
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -84,6 +85,18 @@ def replace_file(finished: str | os.PathLike, target: str | os.PathLike) -> None
     _sync(Path(target).parent)
 
 
+def make_folder(folder: str | os.PathLike) -> Path:
+    """``mkdir -p`` whose new folders are on the disk: each one's entry in its parent is flushed. The syncs of the
+    files later written into a folder do not cover the folder's own name, so a machine crash soon after a run
+    made ``out/`` could otherwise lose ``out/`` with every flushed file in it. Returns the folder."""
+    folder = Path(folder)
+    new = list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
+    folder.mkdir(parents=True, exist_ok=True)
+    for created in new:
+        _sync(created.parent)
+    return folder
+
+
 def _sync_tree(folder: str | os.PathLike) -> None:
     """Flush every file and folder under ``folder``, and ``folder`` itself, from the OS cache to the disk: the
     step before a rename that publishes it, since a crash of the machine (not only of the process) must not
@@ -105,7 +118,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     An existing ``target`` is replaced.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp's folders are private (0700); the result is an ordinary folder
     try:
@@ -128,7 +141,7 @@ def atomic_entries(target: str | os.PathLike, marker: str, stale: tuple[str, ...
     with the old entries whole beside it as ``.old-*``.
     """
     target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
+    make_folder(target)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-entries-", dir=target))
     tmp.chmod(0o755)  # mkdtemp's folders are private (0700); the entries become ordinary folders
     try:

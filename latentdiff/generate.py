@@ -25,7 +25,7 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAM
 from PIL import Image
 from safetensors import SafetensorError
 
-from latentdiff.atomic import atomic_file, check_writable
+from latentdiff.atomic import atomic_file, check_writable, make_folder
 from latentdiff.hub import as_hub_id, reaching_the_hub
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.pipelines.inputs import is_finite_number
@@ -265,7 +265,7 @@ def generate_images(
             generator=[torch.Generator("cpu").manual_seed(s) for s in prompt_seeds],
             clip_skip=clip_skip,
         )
-        output_dir.mkdir(parents=True, exist_ok=True)  # after the first images: a bad argument leaves no folder
+        make_folder(output_dir)  # after the first images: a bad argument leaves no folder
         for image, image_seed in zip(result.images, prompt_seeds):
             path = output_dir / f"{len(paths):03d}-{_slug(prompt)}-seed{image_seed}.png"
             save_png(image, path)

@@ -62,9 +62,10 @@ def kill_at_rename(monkeypatch, chosen: Callable[[Path, Path], bool]) -> None:
 
 
 def config_for(pipeline: Path, data: Path, output_dir: Path, **overrides) -> TrainConfig:
+    overrides.setdefault("cache_dir", str(output_dir.parent / "datasets-cache"))
     return TrainConfig(
         pretrained_model_name_or_path=str(pipeline), train_data_dir=str(data), output_dir=str(output_dir),
-        cache_dir=str(output_dir.parent / "datasets-cache"), **{**OPTIONS, **overrides},
+        **{**OPTIONS, **overrides},
     )  # fmt: skip
 
 
@@ -461,12 +462,16 @@ def test_total_limit_never_deletes_the_resumed_or_the_new_checkpoint(reference, 
 
 
 class WriteJournal:
-    """Records, in order, each `os.fsync` (by the path its descriptor names) and each `os.replace`, to check that
-    what a run publishes reached the disk before the rename that publishes it, and the rename after it."""
+    """Records, in order, each `os.fsync` (by the path its descriptor names), `os.replace` and `os.mkdir`, to check
+    that what a run publishes reached the disk before the rename that publishes it, and the rename after it."""
 
     def __init__(self, monkeypatch):
         self.events: list[tuple] = []
-        fsync, replace = os.fsync, os.replace
+        fsync, replace, mkdir = os.fsync, os.replace, os.mkdir
+
+        def recorded_mkdir(path, *args, **kwargs):
+            mkdir(path, *args, **kwargs)
+            self.events.append(("mkdir", Path(os.path.realpath(path))))
 
         def recorded_fsync(fd):
             self.events.append(("sync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
@@ -479,6 +484,19 @@ class WriteJournal:
 
         monkeypatch.setattr(os, "fsync", recorded_fsync)
         monkeypatch.setattr(os, "replace", recorded_replace)
+        monkeypatch.setattr(os, "mkdir", recorded_mkdir)
+
+    def folders_not_durable(self, top: Path) -> list[str]:
+        """Folders made at `top` or under it, still there under the name they were made with, whose entry in their
+        parent was not synced after they were made: a machine crash could lose them with the synced files inside.
+        (A temporary folder renamed into place is the rename's to sync: `not_durable` checks that.)"""
+        top = Path(os.path.realpath(top))
+        made = [(i, path) for i, (kind, path, *_) in enumerate(self.events) if kind == "mkdir"]
+        return [
+            f"{path}: its entry in {path.parent} not synced"
+            for i, path in made
+            if path.is_dir() and (path == top or top in path.parents) and ("sync", path.parent) not in self.events[i:]
+        ]
 
     def not_durable(self, folder: Path) -> list[str]:
         """Files under `folder` a machine crash could leave empty, half-written or missing: written in place, or
@@ -513,14 +531,16 @@ def test_everything_a_run_writes_is_on_the_disk_before_its_name(reference, tmp_p
     Every file of a run (checkpoints, the final pipeline or adapters, validation images, the card, the run's
     options) must be synced before the rename that publishes it, and the rename synced after it."""
     pipeline, data, _ = reference
-    output_dir = tmp_path / "out"
+    output_dir = tmp_path / "runs" / "out"  # two new folders: their names must reach the disk too
     config = config_for(pipeline, data, output_dir, max_train_steps=2, checkpointing_steps=1, validation_epochs=1,
-                        validation_prompts=["a red square"], **({"lora_rank": 4} if lora else {}))
+                        validation_prompts=["a red square"], cache_dir=str(tmp_path / "datasets-cache"),
+                        **({"lora_rank": 4} if lora else {}))  # fmt: skip
     journal = WriteJournal(monkeypatch)
     train(config)
     monkeypatch.undo()
     assert (output_dir / "checkpoint-2" / STATE_FILE).is_file() and list((output_dir / "validation").rglob("*.png"))
     assert journal.not_durable(output_dir) == []
+    assert journal.folders_not_durable(tmp_path / "runs") == []
 
 
 def test_a_written_image_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
@@ -536,6 +556,34 @@ def test_a_written_image_is_on_the_disk_before_its_name(tmp_path, monkeypatch):
     assert journal.not_durable(tmp_path) == []
     (tmp_path / "in_place.txt").write_text("x")
     assert journal.not_durable(tmp_path) == ["in_place.txt: written in place"]  # the check can fail
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads descriptors' paths from /proc/self/fd")
+def test_generated_images_and_their_new_folders_are_on_the_disk(tiny_pipeline_path, tmp_path, monkeypatch):
+    from latentdiff.generate import generate_images
+
+    journal = WriteJournal(monkeypatch)
+    result = generate_images(str(tiny_pipeline_path), ["a red square"], output_dir=tmp_path / "images" / "run1",
+                             num_inference_steps=1, seed=0, device="cpu")  # fmt: skip
+    monkeypatch.undo()
+    assert result.image_paths and all(path.is_file() for path in result.image_paths)
+    assert journal.not_durable(tmp_path / "images") == []
+    assert journal.folders_not_durable(tmp_path / "images") == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads descriptors' paths from /proc/self/fd")
+def test_folders_made_for_outputs_are_on_the_disk_with_their_names(tmp_path, monkeypatch):
+    from latentdiff.atomic import atomic_dir, make_folder
+
+    journal = WriteJournal(monkeypatch)
+    assert make_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    make_folder(tmp_path / "a" / "b")  # already there: nothing to make
+    with atomic_dir(tmp_path / "c" / "d" / "images") as folder:  # c/ and d/ are made for it
+        (folder / "0.png").write_bytes(b"png")
+    assert journal.not_durable(tmp_path) == []
+    assert journal.folders_not_durable(tmp_path) == []
+    (tmp_path / "plain").mkdir()
+    assert journal.folders_not_durable(tmp_path) == [f"{tmp_path / 'plain'}: its entry in {tmp_path} not synced"]
 
 
 def test_syncing_on_windows_opens_files_for_writing(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..atomic import replace_file
+from ..atomic import make_folder, replace_file
 
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' scripts
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
@@ -100,8 +100,7 @@ def save_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modul
         unet (`nn.Module`): The UNet with its adapter.
         text_encoder (`nn.Module`, *optional*): The text encoder, when it has an adapter too.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     text_encoder_layers = _lora_layers(text_encoder) if text_encoder is not None else None
     text_encoder_metadata = text_encoder.peft_config[ADAPTER_NAME].to_dict() if text_encoder is not None else None
     with tempfile.TemporaryDirectory(prefix=".tmp-lora-", dir=folder) as tmp:

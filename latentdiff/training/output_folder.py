@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from ..atomic import check_writable
+from ..atomic import check_writable, make_folder
 from ..model_folder import LORA_WEIGHT_NAME
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
@@ -72,7 +72,7 @@ def output_folder_held(output_dir: Path, accelerator: Accelerator) -> Iterator[N
     """
     held, refusal = None, None
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(output_dir)
         held, refusal = _lock_folder(output_dir)
     refusal = broadcast_object_list([refusal])[0]
     try:
