@@ -205,7 +205,7 @@ class LatentDiffusionPipeline(
         dtype = self.unet.dtype
         with self._text_encoder_lora_scale(lora_scale):
             if prompt_embeds is None:
-                prompts = self.maybe_convert_prompt([prompt] if isinstance(prompt, str) else prompt, self.tokenizer)
+                prompts = self._convert_prompts([prompt] if isinstance(prompt, str) else prompt)
                 prompt_embeds = embed_prompts(self.tokenizer, self.text_encoder, prompts, clip_skip)
             batch = prompt_embeds.shape[0]
             given_tokens = None if negative_prompt_embeds is None else negative_prompt_embeds.shape[1]
@@ -216,7 +216,7 @@ class LatentDiffusionPipeline(
                 )
             if do_classifier_free_guidance and negative_prompt_embeds is None:
                 negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-                negatives = self.maybe_convert_prompt(negatives, self.tokenizer)
+                negatives = self._convert_prompts(negatives)
                 tokens = prompt_embeds.shape[1]  # as diffusers: the negatives' length is that of the prompt's
                 if tokens > self.tokenizer.model_max_length:
                     raise ValueError(
@@ -229,6 +229,14 @@ class LatentDiffusionPipeline(
             return prompt_embeds, None
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def _convert_prompts(self, prompts: list[str]) -> list[str]:
+        """`maybe_convert_prompt` (multi-vector textual-inversion tokens) without transformers' "sequence length is
+        longer than the specified maximum" warning, which its untruncated `tokenize` raises: `tokenize_prompts`
+        says what was cut, in one warning."""
+        if self.tokenizer is not None:  # the tokenizer's own warn-once flag, as if it had warned already
+            self.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+        return self.maybe_convert_prompt(prompts, self.tokenizer)
 
     @contextlib.contextmanager
     def _text_encoder_lora_scale(self, lora_scale: float | None) -> Iterator[None]:

@@ -668,3 +668,20 @@ def test_decoding_undoes_the_shift_and_scale_that_training_applies(tiny_pipeline
     with torch.no_grad():
         expected = pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pt")
         torch.testing.assert_close(pipe.decode_latents(latents, "pt"), expected)
+
+
+def test_a_long_prompt_gives_our_one_warning_and_not_transformers_misleading_one(tiny_pipeline_path, caplog):
+    """diffusers' textual-inversion check tokenizes the whole prompt first, and transformers then warns that running
+    it "will result in indexing errors": not so here, where `tokenize_prompts` cuts it and says what was lost."""
+    import transformers
+
+    fresh = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)  # a tokenizer that has not warned yet
+    transformers.utils.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            fresh(" ".join(["cat"] * 100), num_inference_steps=1, output_type="latent")
+    finally:
+        transformers.utils.logging.disable_propagation()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([m for m in messages if "longer than 77 tokens" in m]) == 1, messages
+    assert not [m for m in messages if "longer than the specified maximum sequence length" in m], messages

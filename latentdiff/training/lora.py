@@ -134,6 +134,13 @@ def restore_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Mo
     models = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     for prefix, model in models.items():
         state_dict = {k.removeprefix(f"{prefix}."): v for k, v in saved.items() if k.startswith(f"{prefix}.")}
+        config = model.peft_config[ADAPTER_NAME]
+        for option, key in (("--lora_rank", "r"), ("--lora_alpha", "lora_alpha"), ("--lora_dropout", "lora_dropout")):
+            if settings.get(f"{prefix}.{key}", getattr(config, key)) != getattr(config, key):
+                raise ValueError(
+                    f"{path} was trained with {option} {settings[f'{prefix}.{key}']}, this run has "
+                    f"{getattr(config, key)}: resume with the value the checkpoint was saved with."
+                )
         expected = _lora_layers(model)
         missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         shapes = [k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape]
@@ -143,11 +150,4 @@ def restore_lora(folder: str | os.PathLike, unet: nn.Module, text_encoder: nn.Mo
                 f"other shapes {shapes[:3]}): resume with the --lora_rank, --lora_target_modules and "
                 "--train_text_encoder the checkpoint was saved with."
             )
-        config = model.peft_config[ADAPTER_NAME]
-        for option, key in (("--lora_alpha", "lora_alpha"), ("--lora_dropout", "lora_dropout")):
-            if settings.get(f"{prefix}.{key}", getattr(config, key)) != getattr(config, key):
-                raise ValueError(
-                    f"{path} was trained with {option} {settings[f'{prefix}.{key}']}, this run has "
-                    f"{getattr(config, key)}: resume with the value the checkpoint was saved with."
-                )
         set_peft_model_state_dict(model, state_dict, adapter_name=ADAPTER_NAME)
