@@ -4,9 +4,11 @@ The only module that prints. Bad input surfaces as one ``error: …`` line and e
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -157,13 +159,33 @@ def _not_the_torchvision_notice(record: logging.LogRecord) -> bool:
     return "requires torchvision (not installed)" not in record.getMessage()
 
 
+# Libraries that print through a stderr handler of their own and pass each record on to the root logger too:
+# under the CLI's root handler every one of their warnings (the Hub's retries, say) came out twice.
+SELF_PRINTING_LOGGERS = ("huggingface_hub", "datasets")
+
+
+@contextlib.contextmanager
+def _each_record_printed_once() -> Iterator[None]:
+    """Take the self-printing libraries' own stderr handlers off while the command runs (their records reach the
+    root handler, formatted like ours and kept above the progress bars), and put them back after it."""
+    removed = [(logger, handler) for logger in map(logging.getLogger, SELF_PRINTING_LOGGERS) if logger.propagate
+               for handler in logger.handlers if type(handler) is logging.StreamHandler]  # fmt: skip
+    for logger, handler in removed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, handler in removed:
+            logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("latentdiff").setLevel(logging.INFO)
     logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_notice)
     try:
-        with logging_redirect_tqdm():  # log lines above the progress bars, not glued to their end
+        with _each_record_printed_once(), logging_redirect_tqdm():  # log lines above the progress bars
             if argv[:1] == ["train"]:  # its options come from TrainConfig, parsed by HfArgumentParser
                 _train(argv[1:])
                 return 0

@@ -217,3 +217,31 @@ def test_upload_leaves_out_checkpoints_and_interrupted_writes_at_any_depth():
                 ".tmp-entries-x/unet/config.json", ".old-unet-7/config.json", ".replaced-model-7/model_index.json",
                 "validation/.tmp-step_8-abc/0.png"]  # fmt: skip
     assert list(filter_repo_objects(kept + left_out, ignore_patterns=UPLOAD_IGNORE)) == kept
+
+
+CLI_WITH_HUB_WARNINGS = """
+import logging, sys
+from latentdiff import cli
+
+def unreachable(argv):
+    logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    logging.getLogger("datasets.load").warning("a warning of datasets")
+    raise FileNotFoundError("'org/name' is not a local folder, and the Hub could not be reached")
+
+cli._train = unreachable
+handlers = {name: list(logging.getLogger(name).handlers) for name in ("huggingface_hub", "datasets")}
+code = cli.main(["train"])
+assert {name: list(logging.getLogger(name).handlers) for name in handlers} == handlers  # put back
+sys.exit(code)
+"""
+
+
+def test_the_cli_prints_each_hub_and_datasets_warning_once():
+    """huggingface_hub and datasets print through their own handler and pass the record on to the root logger,
+    whose handler the CLI sets up: offline, every retry warning came out twice before the one error line."""
+    done = subprocess.run([sys.executable, "-c", CLI_WITH_HUB_WARNINGS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
+    assert done.stderr.count("a warning of datasets") == 1, done.stderr
+    assert "WARNING huggingface_hub.utils._http: Retrying in 1s" in done.stderr  # the CLI's format, above the bars
+    assert done.stderr.strip().endswith("the Hub could not be reached")
