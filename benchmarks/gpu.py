@@ -164,7 +164,6 @@ class Bench:
                  profile: str | None = None):  # fmt: skip
         self.sizes, self.device, self.warmup, self.repeats, self.peak_flops = sizes, device, warmup, repeats, peak_flops
         self.profile = profile  # a text file that gets each timed variant's kernel table
-        self.profiling = True  # whether the variant now running is profiled (a --plan item marked @profile)
         if profile and device.type == "cuda":  # the profiler set up before any CUDA graph is captured: a replay of a
             with torch.profiler.profile():  # graph captured earlier can hang or fail in it (pytorch/pytorch#75504)
                 pass
@@ -213,7 +212,7 @@ class Bench:
     def profile_calls(self, part: str, kind: str, variant: Variant, call: Callable[[], object]) -> dict:
         """With --profile: append the call's kernel table to the profile file; return its device milliseconds
         per call by kernel kind (`kernel_ms_by_kind`), the input of the profile-based account."""
-        if not self.profile or not self.profiling:
+        if not self.profile:
             return {}
         try:  # one call of a 50-step pipeline is ~1 M profiler events already: minutes of post-processing each
             table, by_kind = profile_kernels(call, self.device, calls=1 if part in ("c", "d") else 3)
@@ -223,9 +222,9 @@ class Bench:
             handle.write(f"\n## {part} {kind}/{variant.name}\n{table}\n")
         return {"kernel_ms_by_kind": by_kind} if by_kind else {}
 
-    # ---- the parts: each returns its figures and the output that the correctness columns compare ----------
+    # ---- the parts: each returns its figures, the output that the correctness columns compare, and its call --
 
-    def training(self, kind: str, variant: Variant) -> tuple[dict, torch.Tensor]:
+    def training(self, kind: str, variant: Variant) -> tuple[dict, torch.Tensor, Callable[[], None]]:
         batch = self.sizes.train_batch
         unet = prepare_unet(self.unet(kind, torch.float32).train(), variant)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
@@ -246,15 +245,14 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
 
         figures = time_runs(step, self.device, self.warmup, self.repeats["a"])
-        figures |= self.profile_calls("a", kind, variant, step)
         flops = self.count(("a", kind), lambda: self.meta_flops(kind, batch, train=True))
         figures["samples_per_s"] = batch / figures["seconds"]
         figures["tflops_per_s"] = flops / figures["seconds"] / 1e12
         figures["mfu"] = figures["tflops_per_s"] * 1e12 / self.peak_flops if self.peak_flops else None
         figures["grad_norm_step1"] = first["grad_norm"].item()  # the backward's check: compare across variants
-        return figures, first["prediction"].cpu()  # the forward's check: the error columns compare it
+        return figures, first["prediction"].cpu(), step  # the forward's check: the error columns compare it
 
-    def forward(self, kind: str, variant: Variant) -> tuple[dict, torch.Tensor]:
+    def forward(self, kind: str, variant: Variant) -> tuple[dict, torch.Tensor, Callable[[], None]]:
         unet = prepare_unet(self.unet(kind, self.dtype).eval(), variant)
         inputs = make_inputs(self.sizes.unet, 2, self.device, self.dtype)
         outputs = []
@@ -266,10 +264,9 @@ class Bench:
         figures = time_runs(call, self.device, self.warmup, self.repeats["b"])
         flops = self.count(("b", kind), lambda: self.meta_flops(kind, 2, train=False))
         figures["tflops_per_s"] = flops / figures["seconds"] / 1e12
-        figures |= self.profile_calls("b", kind, variant, call)
-        return figures, outputs[0].float().cpu()
+        return figures, outputs[0].float().cpu(), call
 
-    def pipeline(self, kind: str, variant: Variant, part: str) -> tuple[dict, torch.Tensor]:
+    def pipeline(self, kind: str, variant: Variant, part: str) -> tuple[dict, torch.Tensor, Callable[[], None]]:
         dtype = self.dtype
         components = dict(
             vae=self.build(lambda: AutoencoderKL(**self.vae_config), "vae", dtype).eval(),
@@ -300,23 +297,23 @@ class Bench:
         figures = time_runs(call, self.device, self.warmup, self.repeats[part])
         if self.device.type == "cuda":
             figures["host_syncs"] = count_host_syncs(call)
-        figures |= self.profile_calls(part, kind, variant, call)
-        return figures, outputs[0].float().cpu()
+        return figures, outputs[0].float().cpu(), call
 
     def run(self, part: str, kind: str, variant: Variant, profile: bool = True) -> dict:
         """One variant's figures (with its kernel table if `profile` and --profile); an error (OOM, graph break,
         missing lever) is recorded, not raised."""
-        self.profiling = profile
         torch._dynamo.reset()  # a fresh compile cache (and the last variant's CUDA-graph pools let go), then free
         _release(self.device)
         counters["inductor"].clear()
         try:
             if part == "a":
-                figures, output = self.training(kind, variant)
+                figures, output, call = self.training(kind, variant)
             elif part == "b":
-                figures, output = self.forward(kind, variant)
+                figures, output, call = self.forward(kind, variant)
             else:
-                figures, output = self.pipeline(kind, variant, part)
+                figures, output, call = self.pipeline(kind, variant, part)
+            if profile:
+                figures |= self.profile_calls(part, kind, variant, call)
         except Exception as error:  # noqa: BLE001  (the next variant still runs within the device call)
             return {"error": f"{type(error).__name__}: {str(error)[:400]}"}
         figures.setdefault("peak_gib", None)  # None: not on a GPU

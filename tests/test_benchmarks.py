@@ -114,7 +114,7 @@ def test_ours_is_compared_with_the_fastest_diffusers_variant_of_the_run(gpu):
 def test_profile_appends_one_kernel_table_per_variant(gpu, tmp_path):
     """The profiler's table of a call (on the CPU here: the profiler costs ms per operator, so one convolution)."""
     bench = gpu.Bench.__new__(gpu.Bench)  # only the profile file and the device are needed
-    bench.profile, bench.profiling, bench.device = str(tmp_path / "kernels.txt"), True, torch.device("cpu")
+    bench.profile, bench.device = str(tmp_path / "kernels.txt"), torch.device("cpu")
     conv, image = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
     for name in ("eager", "compile"):
         figures = bench.profile_calls("b", "ours", gpu.Variant(name), lambda: conv(image))
