@@ -59,10 +59,10 @@ def _tokenizer_build(args: argparse.Namespace) -> None:
     print(f"CLIP tokenizer written to {args.out_dir}")
 
 
-def _train(argv: list[str]) -> None:
+def _train(argv: list[str], prog: str) -> None:
     from .training import parse_train_args, train
 
-    output_dir = train(parse_train_args(argv, prog="latentdiff train"))
+    output_dir = train(parse_train_args(argv, prog=prog))
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns here; one says it
         print(f"model saved to {output_dir}")
 
@@ -179,7 +179,9 @@ def _each_record_printed_once() -> Iterator[None]:
             logger.addHandler(handler)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, train_prog: str = "latentdiff train") -> int:
+    """Run one command; returns the exit status. `train_prog` names the training command in its usage and errors
+    (the training script gives its own file name)."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("latentdiff").setLevel(logging.INFO)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _each_record_printed_once(), logging_redirect_tqdm():  # log lines above the progress bars
             if argv[:1] == ["train"]:  # its options come from TrainConfig, parsed by HfArgumentParser
-                _train(argv[1:])
+                _train(argv[1:], train_prog)
                 return 0
             args = build_parser().parse_args(argv)
             args.handler(args)

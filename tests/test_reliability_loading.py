@@ -297,6 +297,17 @@ def test_cli_argument_errors_are_one_line(capsys, argv, message):
     assert exit_info.value.code == 2 and line.startswith(message) and line.endswith("see --help for the options.")
 
 
+def test_the_training_script_names_itself_in_usage_and_errors(capsys):
+    """`accelerate launch train_scripts/train_text_to_image.py` users read the script's name, as in diffusers."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_script().main([])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and line.startswith("train_text_to_image.py: error: the following arguments")
+    with pytest.raises(SystemExit):
+        train_script().main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: train_text_to_image.py ")
+
+
 # ---- pipeline arguments that tests/test_pipeline.py does not try ----------------------------------------------
 
 

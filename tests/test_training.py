@@ -413,6 +413,8 @@ def test_config_file_then_flags_that_override_it(tmp_path):
         ("- resolution\n- 32\n", ValueError, r"must map option names to values .* got a list"),
         ("pretrained_model_name_or_path: m\ntrain_data_dir: {a: 1}\n", ValueError, r"train_data_dir must be a string"),
         ("pretrained_model_name_or_path: m\nresolution: [64, 128]\n", ValueError, r"resolution takes one value, got"),
+        ("pretrained_model_name_or_path: m\nvalidation_prompts: [a cat, --b]\n", ValueError,
+         r"c.yaml: the validation_prompts item '--b' would be read as a command-line option"),
         ("pretrained_model_name_or_path: m\ntrain_data_dir: d\nlearning_rate: .nan\n", ValueError,
          r"c.yaml: --learning_rate must be a number > 0, got nan"),  # TrainConfig's own range checks name it too
     ],

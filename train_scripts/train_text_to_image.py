@@ -7,17 +7,18 @@ a .yaml/.json path as the first argument reads them from that file (flags after 
 `python` too (one process), and with `torchrun --nproc_per_node N` (data-parallel, also on CPUs). See
 docs/training.md.
 
-It is `latentdiff train`: a bad argument, file or model ends the run with one `error: ...` line (exit status 2)
-instead of a traceback.
+It runs `latentdiff train` (its usage and errors name this file): a bad argument, file or model ends the run with
+one `error: ...` line (exit status 2) instead of a traceback.
 """
 
 import sys
+from pathlib import Path
 
 from latentdiff.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)], train_prog=Path(__file__).name)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention on the text, GEGLU feed-forward; each with a residual.
 
-    ``only_cross_attention`` makes the first attention attend to the text as well (some SD-2 variants).
+    ``only_cross_attention`` makes the first attention a second cross-attention (some SD-2 variants): its keys and
+    values come from the text instead of the image, so the image tokens never attend to each other.
     """
 
     def __init__(

@@ -46,8 +46,8 @@ class UNet2DConditionModel(DiffusersUNetAPI, ModelMixin, ConfigMixin, PeftAdapte
         down_block_types / up_block_types (`tuple[str]`): `CrossAttnDownBlock2D`/`DownBlock2D` and
             `CrossAttnUpBlock2D`/`UpBlock2D`, one per resolution.
         mid_block_type (`str`, *optional*, defaults to `"UNetMidBlock2DCrossAttn"`): `None` for no middle block.
-        only_cross_attention (`bool` or per-block `tuple`): The first attention of the down/up blocks also attends
-            to the text (the middle block's never does, as in diffusers).
+        only_cross_attention (`bool` or per-block `tuple`): The first attention of the down/up blocks attends to
+            the text instead of the image (the middle block's always attends to the image, as in diffusers).
         block_out_channels (`tuple[int]`, defaults to `(320, 640, 1280, 1280)`): Width at each resolution.
         layers_per_block (`int` or per-block `tuple`, defaults to 2): ResNets per down block (+1 per up block).
         downsample_padding (`int`, defaults to 1), mid_block_scale_factor (`float`, defaults to 1).

@@ -49,7 +49,15 @@ def config_file_flags(path: str | Path, config_class: type) -> list[str]:
         elif isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
             if not _takes_list(types[name]):
                 raise ValueError(f"Training config file {path}: {name} takes one value, got the list {value!r}.")
-            flags += [f"--{name}", *map(str, value)]
+            items = [str(item) for item in value]
+            # argparse takes an item like "--b" for an option (one with a space in it stays a value), and no '=' can
+            # say otherwise for the items of a list
+            if flag_like := next((item for item in items if item.startswith("-") and " " not in item), None):
+                raise ValueError(
+                    f"Training config file {path}: the {name} item {flag_like!r} would be read as a command-line "
+                    "option (it starts with '-'): reword it."
+                )
+            flags += [f"--{name}", *items]
         else:
             raise ValueError(
                 f"Training config file {path}: {name} must be a string, number, boolean or list of them, got {value!r}."

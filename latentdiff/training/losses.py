@@ -15,8 +15,13 @@ from torch import nn
 
 def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio SNR(t) = ᾱ_t / (1 − ᾱ_t), one per timestep `(B,)`."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    alphas_cumprod = _alphas_cumprod_at(noise_scheduler, timesteps).float()
     return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def _alphas_cumprod_at(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t for each of `timesteps` `(B,)`; the scheduler keeps its table on the CPU."""
+    return noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
 
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -54,7 +59,7 @@ def dream_rectify(
     the inputs sampling will give it. With ε̂ = ε_θ(x_t, t) (no gradient) and λ = (√(1−ᾱ_t))^p,
         Δ = λ (ε − ε̂),   x̃_t = x_t + √(1−ᾱ_t) Δ,   target ε + Δ.
     Defined for ε-prediction only (the caller checks)."""
-    sigma = (1.0 - noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]) ** 0.5  # √(1−ᾱ_t), (B,)
+    sigma = (1.0 - _alphas_cumprod_at(noise_scheduler, timesteps)) ** 0.5  # √(1−ᾱ_t), (B,)
     sigma = sigma[:, None, None, None]
     with torch.no_grad():
         estimate = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
