@@ -37,9 +37,9 @@ CARD_HYPERPARAMETERS = (
 )  # fmt: skip
 
 
-# No network, DNS or proxy: huggingface_hub raises its HTTP client's error, the base class of its own
-# HfHubHTTPError. httpx's (huggingface_hub ≥ 1) is no OSError; requests' (before) already was one.
-_CLIENT_ERROR = HfHubHTTPError.__mro__[1]
+# No network, DNS or proxy: huggingface_hub raises its HTTP client's error, a base class of its own
+# HfHubHTTPError (the first one not built in). httpx's (huggingface_hub ≥ 1) is no OSError; requests' (before) was.
+_CLIENT_ERROR = next((base for base in HfHubHTTPError.__mro__[1:] if base.__module__ != "builtins"), OSError)
 
 
 @contextlib.contextmanager
