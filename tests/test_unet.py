@@ -11,6 +11,7 @@ from conftest import UNET_CONFIGS, unet_inputs
 
 from latentdiff import UNet2DConditionModel
 from latentdiff.models import attention as attention_module
+from latentdiff.models.unet_config import FIXED_DIFFUSERS_OPTIONS, INERT_WITH_SD_BLOCKS
 
 
 def paired_models(config: dict, seed: int = 0) -> tuple[diffusers.UNet2DConditionModel, UNet2DConditionModel]:
@@ -250,13 +251,47 @@ def test_gradient_checkpointing_recomputes_the_blocks(monkeypatch):
     assert sum(type(m).__name__ == "ResnetBlock2D" for m in calls) == resnets
 
 
-def test_unsupported_config_value_in_a_checkpoint_names_the_key(tmp_path):
+# A value other than diffusers' default for each key of a feature our UNet lacks (SDXL's added embeddings, ...)
+UNSUPPORTED_VALUES = dict(
+    dual_cross_attention=True, reverse_transformer_layers_per_block=[[1, 1], [1, 1]], encoder_hid_dim=32,
+    encoder_hid_dim_type="text_proj", addition_embed_type="text_time", addition_time_embed_dim=256,
+    time_embedding_type="fourier", time_embedding_dim=64, time_embedding_act_fn="silu", timestep_post_act="silu",
+    attention_type="gated", class_embeddings_concat=True,
+)  # fmt: skip
+
+
+def test_every_key_of_a_missing_feature_has_a_refusal_test():
+    assert set(UNSUPPORTED_VALUES) == set(FIXED_DIFFUSERS_OPTIONS) - set(INERT_WITH_SD_BLOCKS)
+
+
+@pytest.mark.parametrize("key", sorted(UNSUPPORTED_VALUES))
+def test_unsupported_config_value_names_the_key_in_a_call_and_a_checkpoint(key, tmp_path):
+    """A checkpoint of a feature we lack fails loudly instead of loading with that part silently missing."""
+    value = UNSUPPORTED_VALUES[key]
+    with pytest.raises(ValueError, match=f"'{key}' = .* is not supported"):
+        UNet2DConditionModel(**UNET_CONFIGS["sd1"], **{key: value})
     UNet2DConditionModel(**UNET_CONFIGS["sd1"]).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["addition_embed_type"] = "text_time"  # SDXL's extra conditioning
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="addition_embed_type"):
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=f"'{key}' = .* is not supported"):
         UNet2DConditionModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_upcast_attention_computes_attention_in_float32(upcast, monkeypatch):
+    """SD-2.x's `upcast_attention`: Q Kᵀ overflows fp16 at 768 px otherwise. A CPU does not overflow, so the test
+    reads the dtype attention runs in; the block's output keeps the model's dtype either way."""
+    config = dict(UNET_CONFIGS["sd2"], upcast_attention=upcast)
+    dtypes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: dtypes.append(q.dtype) or sdpa(q, *args, **kwargs))  # fmt: skip
+    model = UNet2DConditionModel(**config).to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in unet_inputs(config).items()}
+    with torch.no_grad():
+        output = model(**inputs).sample
+    assert output.dtype == torch.bfloat16 and dtypes
+    assert set(dtypes) == {torch.float32 if upcast else torch.bfloat16}
 
 
 def test_diffusers_default_values_of_unsupported_keys_are_accepted(tmp_path):
