@@ -240,6 +240,8 @@ def test_examples_are_a_function_of_seed_epoch_and_row(image_folder, tmp_path, c
     epoch0 = [a[i]["pixel_values"] for i in range(len(a))]
     a.set_epoch(1)
     assert any(not torch.equal(x, a[i]["pixel_values"]) for i, x in enumerate(epoch0))
+    other_seed = make(1)  # another --seed draws other flips
+    assert any(not torch.equal(x, other_seed[i]["pixel_values"]) for i, x in enumerate(epoch0))
     # the dataset applies its caption dropout: at 0.5 some captions are empty and some not, at 1.0 all
     captions = []
     for epoch in range(4):
@@ -262,3 +264,4 @@ def test_epoch_shuffler_is_a_function_of_seed_and_epoch():
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first
+    assert list(EpochShuffler(10, seed=4)) != first  # another --seed, another order
