@@ -469,6 +469,7 @@ def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(tmp_path, cap
         (dict(dataloader_num_workers=10**6), ValueError, r"--dataloader_num_workers 1000000 is more than 4 per CPU core"),
         (dict(train_data_dir=None), ValueError, r"Give the training data"),
         (dict(cache_latents=True), ValueError, r"--cache_latents .* pass --center_crop"),
+        (dict(cache_latents=True, center_crop=True, random_flip=True), ValueError, r"leave out --random_flip"),
         (dict(report_to="tensorbored"), ValueError, r"unknown tracker\(s\) \['tensorbored'\]"),
         (dict(caption_dropout=1.5), ValueError, r"--caption_dropout must be between 0 and 1"),
         (dict(use_ema="False"), ValueError, r"--use_ema must be True or False, got 'False'"),

@@ -175,8 +175,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, held_for_the_run: cont
                     encoder_hidden_states = encode_prompts(text_encoder, batch["input_ids"])  # (B, 77, D)
                 loss = diffusion_loss(
                     unet, models.noise_scheduler, latents, encoder_hidden_states, generator,
-                    config.snr_gamma, config.noise_offset, config.input_perturbation,
-                    config.dream_detail_preservation if config.dream_training else None,
+                    snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
+                    input_perturbation=config.input_perturbation,
+                    dream_detail_preservation=config.dream_detail_preservation if config.dream_training else None,
                 )  # fmt: skip
                 mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()  # over processes
                 if not math.isfinite(mean_loss):
