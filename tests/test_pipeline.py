@@ -399,7 +399,7 @@ def diffusers_folder(tmp_path_factory):
 
 
 INTEROP_CALL = dict(prompt=PROMPTS, negative_prompt=["blurry", "ugly"], num_inference_steps=STEPS,
-                    guidance_scale=5.0, guidance_rescale=0.5, num_images_per_prompt=2)  # fmt: skip
+                    guidance_scale=5.0, guidance_rescale=0.5, num_images_per_prompt=2, eta=1.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
@@ -413,6 +413,18 @@ def test_diffusers_folder_loads_into_ours_with_the_same_images(diffusers_folder,
             for p in (reference, ours)
         ]
         torch.testing.assert_close(torch.as_tensor(images[1]), torch.as_tensor(images[0]), atol=1e-4, rtol=0)
+
+
+def test_cfg_cutoff_callback_gives_diffusers_images(diffusers_folder):
+    """diffusers' `SDCFGCutoffCallback` replaces `prompt_embeds` with the conditional half mid-way: the loop must
+    take the returned embeddings (the real UNet's batch then fits them)."""
+    reference = StableDiffusionPipeline.from_pretrained(diffusers_folder, safety_checker=None)
+    ours = LatentDiffusionPipeline.from_pretrained(diffusers_folder)
+    images = [
+        run(p, seed=2, num_inference_steps=4, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+        for p in (reference, ours)
+    ]
+    torch.testing.assert_close(torch.as_tensor(images[1]), torch.as_tensor(images[0]), atol=1e-4, rtol=0)
 
 
 CHILD = """
@@ -563,6 +575,21 @@ def test_generate_cli_clip_skip(tiny_pipeline_path, tmp_path, capsys):
                  "--output-dir", str(tmp_path / "bad")]) == 2  # fmt: skip
     assert "error: clip_skip must be an integer from 0 to 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_generate_cli_passes_its_sampling_options_to_the_pipeline(pipe, tiny_pipeline_path, tmp_path):
+    from latentdiff.cli import main
+
+    argv = ["generate", "--model", str(tiny_pipeline_path), "--prompt", "a cat", "--steps", "2", "--device", "cpu",
+            "--negative-prompt", "blurry", "--guidance-scale", "3", "--height", "32", "--width", "48",
+            "--num-images", "2", "--seed", "5", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    saved = np.asarray(Image.open(tmp_path / "out" / "001-a-cat-seed6.png"), dtype=int)
+    expected = pipe("a cat", negative_prompt="blurry", guidance_scale=3.0, height=32, width=48, num_inference_steps=2,
+                    generator=[torch.Generator().manual_seed(6)]).images[0]  # fmt: skip
+    assert saved.shape == (32, 48, 3)
+    np.testing.assert_allclose(saved, np.asarray(expected, dtype=int), atol=1)
+    assert Image.open(tmp_path / "out" / "grid.png").size == (96, 32)  # a row per prompt, a column per image
 
 
 def test_generate_images_default_is_float32_for_a_folder_stored_in_fp16(tiny_pipeline_path, tmp_path):
