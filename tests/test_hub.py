@@ -223,7 +223,7 @@ CLI_WITH_HUB_WARNINGS = """
 import logging, sys
 from latentdiff import cli
 
-def unreachable(argv):
+def unreachable(argv, prog):
     logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
     logging.getLogger("datasets.load").warning("a warning of datasets")
     raise FileNotFoundError("'org/name' is not a local folder, and the Hub could not be reached")
