@@ -1,5 +1,8 @@
 """LoRA fine-tuning: only the adapters train, resume is exact, the file is diffusers' format and loads anywhere."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +89,36 @@ def test_the_saved_file_is_the_ema_of_the_adapters(lora_run):
     assert torch.equal(final[saved_b], ema[lora_b])
 
 
+def test_text_encoder_adapters_cover_clips_four_attention_projections(lora_run, tiny_pipeline_path):
+    """q, k, v and out_proj in every layer, as diffusers' train_text_to_image_lora.py adapts them."""
+    saved = load_file(lora_run[0] / LORA_FILE)
+    layers = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path).text_encoder.config.num_hidden_layers
+    for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        adapted = [key for key in saved if key.startswith("text_encoder.") and f".{projection}.lora_A" in key]
+        assert len(adapted) == layers, (projection, adapted)
+
+
+def test_lora_dropout_acts_in_training_only_and_is_saved(tiny_pipeline_path, tmp_path):
+    from safetensors import safe_open
+
+    from latentdiff.training.lora import save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_path / "unet").requires_grad_(False)
+    add_lora_adapters(unet, None, rank=2, dropout=0.5)
+    with torch.no_grad():  # a trained adapter (B ≠ 0), so that what dropout drops shows in the output
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([10]),
+              torch.randn(1, 7, unet.config.cross_attention_dim, generator=generator))  # fmt: skip
+    with torch.no_grad():
+        assert not torch.equal(unet.train()(*inputs).sample, unet(*inputs).sample)
+        assert torch.equal(unet.eval()(*inputs).sample, unet(*inputs).sample)
+    with safe_open(save_lora(tmp_path, unet), framework="pt") as handle:
+        assert json.loads(handle.metadata()["lora_adapter_metadata"])["unet.lora_dropout"] == 0.5
+
+
 def test_adapter_loads_into_diffusers_with_the_same_images(lora_run, tiny_pipeline_path):
     from diffusers import StableDiffusionPipeline
 
@@ -159,6 +192,10 @@ def test_resume_with_another_rank_or_without_lora_is_refused(tiny_pipeline_path,
                          resume_from_checkpoint="latest")  # fmt: skip
     with pytest.raises(ValueError, match=r"was trained with --lora_alpha 2, this run has 8.0"):
         train(config)
+    config = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, lora_rank=2, lora_dropout=0.1,
+                         resume_from_checkpoint="latest")  # fmt: skip
+    with pytest.raises(ValueError, match=r"was trained with --lora_dropout 0.0, this run has 0.1"):
+        train(config)
     full = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="latest")
     train(make_config(tiny_pipeline_path, data, tmp_path / "te", max_train_steps=1, lora_rank=2, checkpointing_steps=1,
                       train_text_encoder=True))  # fmt: skip
@@ -182,6 +219,8 @@ def test_a_rank_beyond_the_adapted_layers_is_named(tiny_pipeline_path):
     widest = max(unet.config.block_out_channels)  # the attention projections are channels × channels
     with pytest.raises(ValueError, match=rf"--lora_rank 100000 is more than .* = {widest}\): .* 4 to 128"):
         add_lora_adapters(unet, None, rank=100000)  # peft builds it (a big enough rank fails allocating, with a traceback)
+    with pytest.raises(ValueError, match=rf"--lora_rank {widest + 1} is more than"):
+        add_lora_adapters(unet, None, rank=widest + 1)
     add_lora_adapters(unet, None, rank=widest)
     assert {module.lora_A["default"].out_features for name, module in unet.named_modules() if name.endswith("to_q")} == {widest}
 
@@ -256,6 +295,12 @@ def test_generate_cli_with_lora_and_scale(lora_run, tiny_pipeline_path, tmp_path
     off = generate("off", "--lora", str(output_dir), "--lora-scale", "0")
     assert np.abs(adapted - base).max() > 2  # 8-bit levels
     assert np.array_equal(as_file, adapted) and np.array_equal(off, base)
+    # a named file is the one loaded, also beside a pytorch_lora_weights.safetensors of other adapters
+    (tmp_path / "two").mkdir()
+    shutil.copy(output_dir / "checkpoint-12" / LORA_FILE, tmp_path / "two" / LORA_FILE)  # step 12's raw adapters
+    shutil.copy(output_dir / LORA_FILE, tmp_path / "two" / "final.safetensors")
+    assert np.abs(generate("two", "--lora", str(tmp_path / "two")) - adapted).max() > 2  # the folder's default file
+    assert np.array_equal(generate("named", "--lora", str(tmp_path / "two" / "final.safetensors")), adapted)
 
     capsys.readouterr()
     assert main(["generate", "--model", str(tiny_pipeline_path), "--prompt", "x", "--lora", str(tmp_path)]) == 2
