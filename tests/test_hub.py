@@ -90,6 +90,7 @@ def test_model_card_metadata_and_body():
     assert "- learning_rate: 0.0001" in card and "- resolution: 512" in card and "seed" not in card
     assert TOKEN not in card  # only the listed hyperparameters are shown
     assert "- lr_warmup_steps: 0\n" in card and "- use_ema: False\n" in card and "- noise_offset: 0.0\n" in card
+    assert "with latentdiff (Accelerate), 10 optimizer steps." in card
     local = model_card("out", "/models/base", "/data/images", {})
     assert "base_model" not in local.split("---")[1] and "datasets" not in local.split("---")[1]
     quoted = model_card("out", "/models/base", None, {}, images=[("v/0.png", 'a "quoted" cat')])
@@ -113,6 +114,15 @@ def run_train_script(endpoint: str, pipeline: Path, tmp_path: Path, *extra: str)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def test_relative_local_paths_are_no_card_metadata(tmp_path, monkeypatch):
+    """`--pretrained_model_name_or_path models/base` reads like a Hub id; the Hub refuses a card naming it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "images").mkdir()
+    metadata = yaml.safe_load(model_card("out", "models/base", "images", {}).split("---")[1])
+    assert "base_model" not in metadata and "datasets" not in metadata
 
 
 def test_train_script_pushes_the_pipeline_but_no_checkpoint_or_token(fake_hub, tiny_pipeline_path, tmp_path):
@@ -158,8 +168,10 @@ def test_lora_run_pushes_the_adapters_and_a_lora_card(fake_hub, tiny_pipeline_pa
     assert f'from_pretrained("{tiny_pipeline_path}"' in card and 'pipeline.load_lora_weights("me/tiny-lora")' in card
 
 
-def test_push_renames_the_card_for_the_repo(fake_hub, tiny_pipeline_path, tmp_path, monkeypatch):
-    """`latentdiff push` of a run folder (the demo's is `model`): the card names the repo it lands in."""
+@pytest.mark.parametrize("given, repo", [("me/emoji", "me/emoji"), ("emoji", "user/emoji")])
+def test_push_renames_the_card_for_the_repo(fake_hub, tiny_pipeline_path, tmp_path, monkeypatch, given, repo):
+    """`latentdiff push` of a run folder (the demo's is `model`): the card names the repo it lands in, with the
+    namespace the Hub gave a bare name (the token's user)."""
     import huggingface_hub
 
     from latentdiff.cli import main
@@ -169,9 +181,9 @@ def test_push_renames_the_card_for_the_repo(fake_hub, tiny_pipeline_path, tmp_pa
     folder = tmp_path / "model"
     shutil.copytree(tiny_pipeline_path, folder)
     write_model_card(folder, model_card("model", "org/base", None, {}, [("validation/0.png", "a cat")], 10))
-    assert main(["push", str(folder), "--repo-id", "me/emoji", "--token", TOKEN]) == 0
+    assert main(["push", str(folder), "--repo-id", given, "--token", TOKEN]) == 0
     card = hub.received["README.md"].decode()
-    assert "\n# me/emoji\n" in card and 'StableDiffusionPipeline.from_pretrained("me/emoji"' in card
+    assert f"\n# {repo}\n" in card and f'StableDiffusionPipeline.from_pretrained("{repo}"' in card
     assert '"model"' not in card and "# model" not in card
     assert (folder / "README.md").read_text() == card
 

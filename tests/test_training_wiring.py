@@ -29,7 +29,7 @@ from latentdiff.training.validation import generate_validation_images
 OPTIONS = dict(
     max_train_steps=4, gradient_accumulation_steps=2, snr_gamma=5.0, noise_offset=0.05, input_perturbation=0.1,
     caption_dropout=1.0, beta_schedule="squaredcos_cap_v2", lr_scheduler="constant_with_warmup", lr_warmup_steps=3,
-    use_ema=True, ema_decay=0.9, checkpointing_steps=2, validation_prompts=["a red square"], validation_epochs=1,
+    scale_lr=True, use_ema=True, ema_decay=0.9, checkpointing_steps=2, validation_prompts=["a red square"], validation_epochs=1,
     validation_inference_steps=2,
 )  # fmt: skip
 
@@ -83,10 +83,11 @@ def test_caption_dropout_reaches_the_batches(watched_run, tiny_pipeline_path):
     assert len(rows) == 16 and all(torch.equal(row, empty) for row in rows)  # --caption_dropout 1: every caption ""
 
 
-def test_warmup_counts_optimizer_steps(watched_run):
-    """--lr_warmup_steps 3 with accumulation 2: the rate climbs over 3 optimizer steps (6 micro-batches)."""
+def test_warmup_counts_optimizer_steps_up_to_the_scaled_rate(watched_run):
+    """--lr_warmup_steps 3 with accumulation 2: the rate climbs over 3 optimizer steps (6 micro-batches), to
+    --scale_lr's 1e-3 × batch 2 × accumulation 2 × 1 process (diffusers' rule)."""
     lrs = [watched_run["logs"][step]["lr"] for step in (1, 2, 3, 4)]
-    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    assert lrs == pytest.approx([4e-3 / 3, 8e-3 / 3, 4e-3, 4e-3])
 
 
 def test_the_ema_steps_once_per_optimizer_step(watched_run):
