@@ -269,6 +269,38 @@ def test_compile_and_attention_options_are_checked():
     torch.testing.assert_close(preferred, F.scaled_dot_product_attention(q, k, v))
 
 
+def test_compile_unet_hands_the_mode_to_torch_compile(monkeypatch):
+    """Inductor's modes are GPU work; here the call torch.compile gets is what can be checked."""
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    compile_unet(nn.Linear(2, 2), mode="max-autotune")
+    compile_unet(nn.Linear(2, 2))
+    assert [(c.get("mode"), c["fullgraph"], c["backend"]) for c in calls] == [("max-autotune", True, "inductor"),
+                                                                               (None, True, "inductor")]  # fmt: skip
+
+
+def test_attention_backend_gives_torch_the_named_kernel_first(monkeypatch):
+    """CPU SDPA ignores the priority (it runs flash whenever allowed), so on CPU only the request to torch is seen."""
+    from torch.nn.attention import SDPBackend
+
+    from latentdiff import acceleration
+
+    asked = []
+    real = acceleration.sdpa_kernel
+
+    def recording(backends, set_priority=False):
+        asked.append((backends[0], set_priority))
+        return real(backends, set_priority=set_priority)
+
+    monkeypatch.setattr(acceleration, "sdpa_kernel", recording)
+    cuda = torch.backends.cuda
+    for name in ("math", "efficient"):
+        with attention_backend(name):  # the other kernels stay as fallbacks
+            assert cuda.flash_sdp_enabled() and cuda.cudnn_sdp_enabled()
+            assert cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+    assert asked == [(SDPBackend.MATH, True), (SDPBackend.EFFICIENT_ATTENTION, True)]  # True: an order, not a set
+
+
 def test_kernel_op_count_leaves_out_views_and_sees_ours_launch_fewer():
     """benchmarks/unet.py's proxy for eager launches: a Linear on a 3-D input is one `addmm` (its reshapes are
     views), a reshape that must copy is one `clone`; ours skips diffusers' divisions by an output scale of 1.0 and

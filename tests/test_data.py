@@ -72,6 +72,27 @@ def test_every_source_loads_the_same_rows(tmp_path):
         assert sorted(_rows(loaded)) == expected, name
 
 
+def test_dataset_config_name_picks_that_config(tmp_path):
+    """A data set folder with two configs in its README's YAML `configs:`, as a Hub data set declares them."""
+    repo = tmp_path / "repo"
+    write_caption_folder(repo / "photos", n=2)
+    write_caption_folder(repo / "drawings", n=3)
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: photos\n  data_dir: photos\n  default: true\n"
+                                    "- config_name: drawings\n  data_dir: drawings\n---\n")  # fmt: skip
+    kwargs = dict(dataset_name=str(repo), cache_dir=str(tmp_path / "c"))
+    assert sorted(load_image_caption_dataset(**kwargs)["text"]) == ["a green square", "a red square"]
+    drawings = load_image_caption_dataset(**kwargs, dataset_config_name="drawings")
+    assert sorted(drawings["text"]) == ["a blue square", "a green square", "a red square"]
+
+
+def test_train_data_dir_with_a_dataset_name_is_the_folder_inside_it(tmp_path):
+    repo = tmp_path / "repo"
+    write_caption_folder(repo / "a", n=2)
+    write_caption_folder(repo / "b", n=3)
+    loaded = load_image_caption_dataset(dataset_name=str(repo), train_data_dir="b", cache_dir=str(tmp_path / "c"))
+    assert sorted(loaded["text"]) == ["a blue square", "a green square", "a red square"]  # b's rows only
+
+
 def test_max_train_samples_is_a_seeded_subset(image_folder, tmp_path):
     kwargs = dict(train_data_dir=str(image_folder), cache_dir=str(tmp_path), max_train_samples=3)
     first, again = (load_image_caption_dataset(**kwargs, seed=1)["text"] for _ in range(2))
@@ -81,6 +102,12 @@ def test_max_train_samples_is_a_seeded_subset(image_folder, tmp_path):
     in_file_order = load_image_caption_dataset(train_data_dir=str(image_folder), cache_dir=str(tmp_path))["text"]
     subsets = {tuple(load_image_caption_dataset(**kwargs, seed=seed)["text"]) for seed in range(4)}
     assert len(subsets) > 1 and subsets != {tuple(in_file_order[:3])}
+
+
+def test_max_train_samples_above_the_data_set_size_keeps_every_row(image_folder, tmp_path):
+    every_row = load_image_caption_dataset(train_data_dir=str(image_folder), cache_dir=str(tmp_path))["text"]
+    kept = load_image_caption_dataset(train_data_dir=str(image_folder), cache_dir=str(tmp_path), max_train_samples=1000)
+    assert sorted(kept["text"]) == sorted(every_row) and len(kept) == 6
 
 
 def test_missing_column_names_the_existing_ones(image_folder, tmp_path):

@@ -261,3 +261,34 @@ def test_train_vae_refuses_images_that_are_not_square_at_the_resolution():
 
     with pytest.raises(ValueError, match=r"images must be \(N, 3, 32, 32\), got \(4, 3, 8, 32\)"):
         train_vae(torch.zeros(4, 3, 8, 32), VAETrainConfig(steps=1, batch_size=2))
+
+
+def test_train_vae_sees_both_orientations_of_an_image(monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from latentdiff.vae_training import train_vae
+
+    image = -torch.ones(1, 3, 16, 16)
+    image[..., :8] = 1.0  # left half white: its mirror image differs
+    batches = []
+    encode = AutoencoderKL.encode
+
+    def recording(self, x, *args, **kwargs):
+        if torch.is_grad_enabled():  # training batches, not the final scaling pass
+            batches.append(x.detach().clone())
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", recording)
+    train_vae(image, VAETrainConfig(resolution=16, block_out_channels=(8, 8), steps=1, batch_size=16, warmup_steps=1))
+    seen = torch.cat(batches)
+    plain, mirrored = ((seen == view).flatten(1).all(1) for view in (image, image.flip(-1)))
+    assert len(seen) == 16 and plain.any() and mirrored.any() and (plain | mirrored).all()
+
+
+def test_latentdiff_cache_expands_the_home_folder(monkeypatch, tmp_path):
+    """`LATENTDIFF_CACHE=~/x` unexpanded made a folder named `~` in the working folder."""
+    from latentdiff.cache import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LATENTDIFF_CACHE", "~/ldcache")
+    assert cache_dir() == tmp_path / "ldcache"

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from latentdiff import tokenizer as tokenizer_module
-from latentdiff.text import embed_prompts, encode_prompts, tokenize_prompts
+from latentdiff.text import embed_prompts, encode_prompts, tokenize_prompts, too_long
 from latentdiff.tokenizer import build_clip_tokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # SD-1.5's tokenizer on "a photo of a cat"
@@ -38,6 +38,15 @@ def test_tokenize_prompts_pads_truncates_and_warns_once(clip_tokenizer, caplog):
     assert ids[1, 0] == 49406 and ids[1, -1] == 49407 and (ids[1, 1:-1] == ids[1, 1]).all()
     warnings = [r.getMessage() for r in caplog.records if "longer than 77 tokens" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("2 of 3 prompts")
+
+
+def test_a_prompt_of_exactly_the_max_length_is_not_cut(clip_tokenizer, caplog):
+    fits = " ".join(["cat"] * 75)  # with BOS and EOS: 77 tokens
+    assert too_long(clip_tokenizer, [fits, fits + " cat"]) == [1]
+    with caplog.at_level(logging.WARNING):
+        ids = tokenize_prompts(clip_tokenizer, [fits])
+    assert "were cut" not in caplog.text
+    assert ids[0].tolist() == [49406] + [2368] * 75 + [49407]  # nothing lost: every "cat" (2368) and the EOS
 
 
 def test_tokenize_prompts_rejects_a_bare_string(clip_tokenizer):
