@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 from transformers import CLIPTextModel
 
-from latentdiff.generate import SCHEDULERS, generate_images
+from latentdiff.generate import SCHEDULERS, generate_images, set_scheduler
 from latentdiff.models import UNet2DConditionModel
 from latentdiff.pipelines import LatentDiffusionPipeline
 from latentdiff.tiny import tiny_components
@@ -241,6 +241,18 @@ def test_every_named_scheduler_swaps_in(pipe, name):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_named_schedulers_keep_the_models_schedule_and_their_options(tiny_pipeline_path):
+    """`generate --scheduler NAME` swaps the sampler only: a v-prediction model with its own betas stays one."""
+    pipeline = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    pipeline.scheduler.register_to_config(prediction_type="v_prediction", beta_end=0.02)
+    for name, (cls, _) in SCHEDULERS.items():
+        set_scheduler(pipeline, name)
+        config = pipeline.scheduler.config
+        assert type(pipeline.scheduler) is cls and (config.prediction_type, config.beta_end) == ("v_prediction", 0.02)
+        if name.startswith("dpm++"):
+            assert config.algorithm_type == "dpmsolver++" and config.use_karras_sigmas == name.endswith("_karras")
+
+
 def test_sampling_loop_never_waits_for_the_device(tiny_pipeline_path):
     """A meta tensor has no data, so anything that reads a device value on the host (`.item()`, `if t >= 0`,
     indexing a CPU table with a device timestep, `nonzero`) raises. The whole call (text encoder, UNet with guidance,
@@ -307,6 +319,7 @@ def test_a_unet_that_reuses_its_output_buffer_gives_the_same_images(pipe, monkey
         (dict(prompt_embeds=torch.zeros(1, 77, 32)), "exactly one of prompt and prompt_embeds"),
         (dict(prompt=None), "exactly one of prompt and prompt_embeds"),
         (dict(prompt=3), "prompt must be a string"),
+        (dict(prompt=[]), r"prompt must be a string or a non-empty list of strings, got \[\]"),
         (dict(prompt=PROMPTS, negative_prompt=["only one"]), "negative_prompt has 1 entries but there are 2 prompts"),
         (dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 77, 32)), "at most one of negative_prompt"),
         (dict(prompt=None, prompt_embeds=torch.zeros(2, 77, 32), negative_prompt_embeds=torch.zeros(1, 77, 32)),
@@ -460,6 +473,9 @@ class Blocker:
 def test_our_folder_opens_in_plain_diffusers_with_the_same_images(pipe, tiny_pipeline_path, tmp_path):
     index = json.loads((tiny_pipeline_path / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    # Stable Diffusion's whole form, without a safety checker and without requiring one (diffusers warns otherwise)
+    assert index["safety_checker"] == index["feature_extractor"] == [None, None]
+    assert index["requires_safety_checker"] is False
     call = dict(INTEROP_CALL, num_inference_steps=STEPS)
     # -I -S: no cwd, no PYTHONPATH, no .pth files (so no editable-install hook); then only plain site-packages
     site_dirs = [p for p in sys.path if p.endswith("site-packages")]
@@ -590,6 +606,33 @@ def test_generate_cli_passes_its_sampling_options_to_the_pipeline(pipe, tiny_pip
     assert saved.shape == (32, 48, 3)
     np.testing.assert_allclose(saved, np.asarray(expected, dtype=int), atol=1)
     assert Image.open(tmp_path / "out" / "grid.png").size == (96, 32)  # a row per prompt, a column per image
+
+
+def test_a_long_prompt_gives_a_short_file_name(tiny_pipeline_path, tmp_path):
+    """File names keep 40 characters of the prompt: a whole 370-character one exceeds the 255-byte name limit."""
+    prompt = "a very long prompt about " + "a red apple and a green pear, " * 12
+    result = generate_images(str(tiny_pipeline_path), [prompt], output_dir=tmp_path, num_inference_steps=1, device="cpu")
+    assert [p.name for p in result.image_paths] == ["000-a-very-long-prompt-about-a-red-apple-and-seed0.png"]
+    assert result.image_paths[0].is_file()
+
+
+def test_dtype_names_load_that_dtype(tiny_pipeline_path, tmp_path):
+    def image(name: str, dtype) -> np.ndarray:
+        result = generate_images(str(tiny_pipeline_path), ["a cat"], output_dir=tmp_path / name, num_inference_steps=2,
+                                 device="cpu", torch_dtype=dtype)  # fmt: skip
+        return np.asarray(Image.open(result.image_paths[0]), dtype=int)
+
+    bf16 = image("bf16", "bf16")
+    np.testing.assert_array_equal(bf16, image("bfloat16", torch.bfloat16))
+    assert np.abs(bf16 - image("fp16", "fp16")).max() > 0  # a name for one half precision is not the other
+
+
+def test_a_per_component_dtype_dict_gives_each_part_its_dtype(tiny_pipeline_path):
+    """diffusers' `dtype={component: dtype, "default": ...}` form."""
+    pipeline = LatentDiffusionPipeline.from_pretrained(
+        tiny_pipeline_path, dtype={"unet": torch.bfloat16, "default": torch.float32}
+    )
+    assert pipeline.unet.dtype == torch.bfloat16 and pipeline.vae.dtype == pipeline.text_encoder.dtype == torch.float32
 
 
 def test_generate_images_default_is_float32_for_a_folder_stored_in_fp16(tiny_pipeline_path, tmp_path):
