@@ -137,3 +137,16 @@ def test_hub_download_fetches_only_the_five_parts_in_one_format():
     assert fetched("fp16", False) == common | {
         "unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors"}  # fmt: skip
     assert "unet/diffusion_pytorch_model.bin" in fetched(None, True)
+
+
+def test_variant_weights_are_found_by_file_name_whole_or_sharded(tmp_path):
+    from latentdiff.model_folder import has_variant
+
+    names = {"diffusion_pytorch_model.safetensors": None, "model.fp16.safetensors": "fp16",
+             "diffusion_pytorch_model.non_ema-00001-of-00002.safetensors": "non_ema"}  # fmt: skip
+    for name, variant in names.items():
+        part = tmp_path / name.replace(".", "_")
+        part.mkdir()
+        (part / name).write_bytes(b"")
+        assert [v for v in ("fp16", "non_ema") if has_variant(part, v)] == ([variant] if variant else []), name
+    assert not has_variant(tmp_path / "no-such-part", "fp16")

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fake_emoji import make_fake_package
@@ -163,6 +164,16 @@ def test_grid_refuses_an_empty_section():
             labelled_grid(sections)
 
 
+def test_grid_is_as_wide_as_its_widest_section():
+    from latentdiff.figures import TILE, labelled_grid
+
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    sections = [("seen", ["a", "b", "c"], [red] * 3, [blue] * 3), ("held out", ["d"], [red], [blue])]
+    grid = np.asarray(labelled_grid(sections))
+    for color in ((255, 0, 0), (0, 0, 255)):  # 4 generated and 4 real images, each whole on the canvas
+        assert (grid == color).all(-1).sum() == 4 * TILE * TILE
+
+
 def test_committed_base_opens_in_plain_diffusers(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
@@ -283,6 +294,18 @@ def test_train_vae_sees_both_orientations_of_an_image(monkeypatch):
     seen = torch.cat(batches)
     plain, mirrored = ((seen == view).flatten(1).all(1) for view in (image, image.flip(-1)))
     assert len(seen) == 16 and plain.any() and mirrored.any() and (plain | mirrored).all()
+
+
+def test_train_vae_sets_the_scaling_factor_that_gives_the_unet_unit_variance_latents():
+    """As SD's 0.18215 for its VAE: 1 / std of the posterior means of the training images."""
+    from latentdiff.components import to_unet_latents
+    from latentdiff.vae_training import posterior_means, train_vae
+
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae = train_vae(images, VAETrainConfig(resolution=16, block_out_channels=(8, 8), steps=1, batch_size=2,
+                                           warmup_steps=1))  # fmt: skip
+    latents = to_unet_latents(vae, posterior_means(vae, images))
+    torch.testing.assert_close(latents.std().item(), 1.0, rtol=0, atol=1e-3)
 
 
 def test_latentdiff_cache_expands_the_home_folder(monkeypatch, tmp_path):

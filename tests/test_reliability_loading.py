@@ -75,6 +75,9 @@ def inputs(tiny_pipeline_path, tmp_path_factory) -> dict[str, Path]:
     for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # it loaded as a 2-token tokenizer: prompts all alike
         (no_vocabulary / name).unlink()
     (variant_of(tiny_pipeline_path, root / "no-tokenizer-config") / "tokenizer" / "tokenizer_config.json").unlink()
+    no_merges = variant_of(tiny_pipeline_path, root / "no-merges") / "tokenizer"
+    for name in ("merges.txt", "tokenizer.json"):  # transformers: "`vocab` and `merges` must be both be ..."
+        (no_merges / name).unlink()
     return {
         "pipeline": tiny_pipeline_path, "data": write_caption_folder(root / "data", n=4), "root": root,
         "unsupported": variant_of(tiny_pipeline_path, root / "unsupported", unet_config=UNSUPPORTED_UNET),
@@ -126,6 +129,9 @@ ARGUMENT_CASES = {
                                          r" \(found \['tokenizer_config.json'\]\): .* download or copy the model again"),
     "tokenizer without its config": (["--pretrained_model_name_or_path", "{root}/no-tokenizer-config"],
                                      r"no-tokenizer-config/tokenizer has no tokenizer_config.json"),
+    "tokenizer without merges.txt": (["--pretrained_model_name_or_path", "{root}/no-merges"],
+                                     r"no-merges/tokenizer has no vocab.json \+ merges.txt \(or tokenizer.json\) "
+                                     r"\(found \['tokenizer_config.json', 'vocab.json'\]\)"),
 }  # fmt: skip
 if not torch.cuda.is_available():  # the suite's machines: Accelerate has no fp16 autocast on a CPU
     ARGUMENT_CASES["fp16 on a CPU"] = (["--mixed_precision", "fp16"], r"--mixed_precision fp16 needs a GPU.*bf16 or no")

@@ -828,3 +828,14 @@ def test_an_accelerator_that_fails_to_build_leaves_the_next_run_unaffected(tmp_p
                          report_to="none", mixed_precision="bf16")  # fmt: skip
     with accelerator_module.accelerator_for(config, []) as accelerator:
         assert accelerator.mixed_precision == "bf16"
+
+
+def test_a_tracker_that_is_not_installed_is_named_in_a_warning_and_left_out(tmp_path, monkeypatch, caplog):
+    import latentdiff.training.accelerator as accelerator_module
+
+    monkeypatch.setattr(accelerator_module, "get_available_trackers", lambda: [])
+    config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", output_dir=str(tmp_path),
+                         report_to="wandb")  # fmt: skip
+    with caplog.at_level("WARNING"), accelerator_module.accelerator_for(config, []) as accelerator:
+        assert accelerator.log_with == []
+    assert "--report_to ['wandb']: not installed, not logging there" in caplog.text

@@ -25,11 +25,12 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output.float() - reference).norm() / reference.norm()).item()
 
 
-def norm_pairs() -> list[tuple[nn.Module, nn.Module, tuple[int, ...]]]:
-    """(torch's norm, ours with the same random affine parameters, an input shape)."""
+def norm_pairs(eps: float | None = None) -> list[tuple[nn.Module, nn.Module, tuple[int, ...]]]:
+    """(torch's norm, ours with the same random affine parameters, an input shape); both norms with `eps` if given."""
     torch.manual_seed(0)
-    pairs = [(nn.GroupNorm(4, 16, eps=1e-6), GroupNorm(4, 16, eps=1e-6), (2, 16, 8, 8)),
-             (nn.LayerNorm(16), LayerNorm(16), (2, 10, 16))]  # fmt: skip
+    group_eps, layer_eps = (1e-6, 1e-5) if eps is None else (eps, eps)
+    pairs = [(nn.GroupNorm(4, 16, eps=group_eps), GroupNorm(4, 16, eps=group_eps), (2, 16, 8, 8)),
+             (nn.LayerNorm(16, eps=layer_eps), LayerNorm(16, eps=layer_eps), (2, 10, 16))]  # fmt: skip
     for plain, ours, _ in pairs:
         nn.init.normal_(plain.weight, 1.0, 0.2)
         nn.init.normal_(plain.bias, 0.0, 0.2)
@@ -37,10 +38,12 @@ def norm_pairs() -> list[tuple[nn.Module, nn.Module, tuple[int, ...]]]:
     return pairs
 
 
+# a large eps against an input of variance 0.01: the bf16 path divides by sqrt(var + eps) with the norm's own eps
+@pytest.mark.parametrize("eps, scale", [(None, 1.0), (0.5, 1 / 30)], ids=["small_eps", "large_eps"])
 @pytest.mark.parametrize("index", [0, 1], ids=["group_norm", "layer_norm"])
-def test_bf16_input_stays_bf16_where_cuda_autocast_upcasts(autocast_bytes, index):
-    plain, ours, shape = norm_pairs()[index]
-    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + 1).requires_grad_()
+def test_bf16_input_stays_bf16_where_cuda_autocast_upcasts(autocast_bytes, index, eps, scale):
+    plain, ours, shape = norm_pairs(eps)[index]
+    x = ((torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + 1) * scale).requires_grad_()
     exact = plain(x)
     exact.square().sum().backward()
     exact_grads = [x.grad, plain.weight.grad, plain.bias.grad]
@@ -59,7 +62,8 @@ def test_bf16_input_stays_bf16_where_cuda_autocast_upcasts(autocast_bytes, index
 
 @pytest.mark.parametrize("index", [0, 1], ids=["group_norm", "layer_norm"])
 def test_without_a_low_precision_input_it_is_torchs_norm(autocast_bytes, index):
-    """No autocast, a float32 input under autocast, or `upcast=True`: bit for bit torch's norm."""
+    """No autocast, a float32 input or one in the other half dtype under autocast, or `upcast=True`: bit for bit
+    torch's norm."""
     plain, ours, shape = norm_pairs()[index]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     assert torch.equal(ours(x), plain(x))
@@ -67,6 +71,7 @@ def test_without_a_low_precision_input_it_is_torchs_norm(autocast_bytes, index):
     plain.float(), ours.float()
     with autocast_bytes.CudaAutocastNorms(), torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(ours(x), plain(x))
+        assert torch.equal(ours(x.half()), plain(x.half()))  # fp16 activations under bf16 autocast
         ours.upcast = True
         assert torch.equal(ours(x.bfloat16()), plain(x.bfloat16()))
 
