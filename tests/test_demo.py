@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -183,12 +184,25 @@ def test_committed_base_opens_in_plain_diffusers(tmp_path, monkeypatch):
     info = json.loads((default_base_dir() / "build_info.json").read_text())
     fp32 = load_base()
     assert fp32.parent == tmp_path and load_base() == fp32  # made once per version of the weights
+    edited = shutil.copytree(default_base_dir(), tmp_path / "edited-base")
+    (edited / "README.md").write_text("# reworded prose, the same weights")
+    assert load_base(edited) == fp32  # the prose is not part of the version
     pipe = StableDiffusionPipeline.from_pretrained(fp32)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == info["config"]["text_hidden_size"]
     assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 32
     image = pipe("red apple, fruit emoji", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+
+
+def test_committed_base_readme_is_what_build_base_writes():
+    """The card states the latent shape and figures from build_info.json, as `build_base` writes it."""
+    from latentdiff.base import base_readme, default_base_dir
+
+    info = json.loads((default_base_dir() / "build_info.json").read_text())
+    readme = base_readme(info)
+    assert "32×32 images → 4×8×8 latents" in readme  # 3 VAE levels: factor 4
+    assert readme == (default_base_dir() / "README.md").read_text()
 
 
 @pytest.mark.parametrize(

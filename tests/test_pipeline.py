@@ -755,3 +755,10 @@ def test_a_long_prompt_gives_our_one_warning_and_not_transformers_misleading_one
     messages = [record.getMessage() for record in caplog.records]
     assert len([m for m in messages if "longer than 77 tokens" in m]) == 1, messages
     assert not [m for m in messages if "longer than the specified maximum sequence length" in m], messages
+
+
+def test_tiny_components_refuse_an_image_size_the_unet_cannot_halve():
+    from latentdiff.tiny import tiny_components
+
+    with pytest.raises(ValueError, match=r"image_size=36 must be a multiple of 8 \(VAE factor × UNet factor\)"):
+        tiny_components(image_size=36)  # 36 / 4 = 9 latent pixels: the UNet's one downsampling cannot halve them

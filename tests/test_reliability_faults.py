@@ -272,8 +272,9 @@ def test_atomic_entries_replace_only_their_names_and_a_failed_block_changes_noth
     assert (target / "unet" / "w").stat().st_mode & 0o777 == 0o644  # an ordinary file, not a private one
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "model_index.json", "unet"]  # README was stale
     (target / ".tmp-unet-k3j_9x0a").mkdir(), (target / ".old-unet-123").write_text("")
+    (target / ".tmp-checkpoint-3").mkdir()  # a checkpoint whose save was interrupted
     (target / ".tmp-notes.txt").write_text("the user's"), (target / ".old-drafts").mkdir()  # not ours: kept
-    assert [p.name for p in remove_leftovers(target)] == [".old-unet-123", ".tmp-unet-k3j_9x0a"]
+    assert [p.name for p in remove_leftovers(target)] == [".old-unet-123", ".tmp-checkpoint-3", ".tmp-unet-k3j_9x0a"]
     assert sorted(p.name for p in target.iterdir()) == [".old-drafts", ".tmp-notes.txt", "keep.txt", "model_index.json",
                                                         "unet"]  # fmt: skip
 
@@ -682,3 +683,34 @@ def test_a_sync_the_file_system_cannot_do_is_skipped_and_a_failing_disk_loses_no
     monkeypatch.undo()
     assert (tmp_path / "images" / "0.png").read_bytes() == (b"old" if code == errno.EIO else b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no .tmp- left either way
+
+
+def test_a_folder_written_atomically_holds_ordinary_files(tmp_path):
+    """Writers that make private files (safetensors ≥ 0.8, `tempfile`) inside an `atomic_dir` leave 0644 files in an
+    ordinary 0755 folder, as everything else a run writes."""
+    import tempfile
+
+    from latentdiff.atomic import atomic_dir
+
+    with atomic_dir(tmp_path / "images") as folder:
+        descriptor, private = tempfile.mkstemp(dir=folder)
+        os.close(descriptor)
+    written = tmp_path / "images" / Path(private).name
+    assert written.stat().st_mode & 0o777 == 0o644 and (tmp_path / "images").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder locks are flock, which Windows lacks")
+def test_a_held_output_folder_is_refused_to_a_second_holder_until_released(tmp_path, monkeypatch):
+    """The lock is exclusive: two runs holding it at once (a shared lock each) would delete each other's writes."""
+    from types import SimpleNamespace
+
+    import latentdiff.training.output_folder as output_folder
+
+    monkeypatch.setattr(output_folder, "LOCK_WAIT_S", 0.0)
+    main_process = SimpleNamespace(is_main_process=True)
+    with output_folder.output_folder_held(tmp_path / "out", main_process):
+        with pytest.raises(ValueError, match=r"--output_dir .*out is in use by another training run"):
+            with output_folder.output_folder_held(tmp_path / "out", main_process):
+                pass
+    with output_folder.output_folder_held(tmp_path / "out", main_process):  # released: the next run may start
+        pass

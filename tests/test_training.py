@@ -95,6 +95,13 @@ def test_run_writes_pipeline_card_validation_logs_and_rotates(trained):
     for name in ("model_index.json", "README.md", "unet/config.json", "vae/config.json", "tokenizer/vocab.json"):
         assert (output_dir / name).is_file(), name
     assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-16"]  # checkpoint-8 rotated away
+    checkpoint = output_dir / "checkpoint-16"  # the models as folders, saved once (not again as Accelerate's files)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["ema.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                                         "scheduler.bin", STATE_FILE, "unet"]  # fmt: skip
+    state = json.loads((checkpoint / STATE_FILE).read_text())  # the step, and what a resumed run is checked against
+    assert state == {"global_step": 16, "seed": 0, "num_processes": 1, "train_batch_size": 2, "resolution": 32,
+                     "gradient_accumulation_steps": 1, "center_crop": False, "random_flip": False,
+                     "image_interpolation_mode": "lanczos"}  # fmt: skip
     assert sorted(p.name for p in (output_dir / "validation").iterdir()) == ["step_12", "step_16", "step_4"]
     assert image_size(output_dir / "validation" / "step_16" / "1.png") == (32, 32)
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))

@@ -249,6 +249,10 @@ def test_gradient_checkpointing_recomputes_the_blocks(monkeypatch):
     model.train()(**unet_inputs(config)).sample.mean().backward()
     resnets = sum(1 for m in model.modules() if type(m).__name__ == "ResnetBlock2D")
     assert sum(type(m).__name__ == "ResnetBlock2D" for m in calls) == resnets
+    calls.clear()
+    with torch.no_grad():  # validation in a checkpointed run: nothing to recompute, so no checkpoint function
+        model(**unet_inputs(config))
+    assert calls == []
 
 
 # A value other than diffusers' default for each key of a feature our UNet lacks (SDXL's added embeddings, ...)

@@ -178,3 +178,13 @@ def test_block_wise_lora_scales_give_diffusers_images(tmp_path):
         generator = torch.Generator().manual_seed(0)
         images.append(pipe("red apple", num_inference_steps=2, generator=generator, output_type="pt").images)
     assert (images[0] - images[1]).abs().max().item() <= 1e-5
+
+
+def test_auto_slicing_of_one_head_attention_takes_one_row_at_a_time():
+    config = dict(UNET_CONFIGS["sd1"], attention_head_dim=1)  # one head: "auto" (half the heads) must still be ≥ 1
+    _, ours = paired_models(config)
+    inputs = unet_inputs(config)
+    with torch.no_grad():
+        expected = ours(**inputs).sample
+        ours.set_attention_slice("auto")
+        assert (ours(**inputs).sample - expected).abs().max().item() <= 1e-5
