@@ -134,6 +134,7 @@ def test_adapter_loads_into_diffusers_with_the_same_images(lora_run, tiny_pipeli
         images[f"{name}-half"] = pipeline_images(pipeline)
         for scale in (0.0, 2.0):  # a call's scale is for that call only: the weight 0.5 stays for later calls
             pipeline_images(pipeline, cross_attention_kwargs={"scale": scale})
+            assert pipeline.lora_scale == scale  # as diffusers: scales text-encoder adapters loaded later
             images[f"{name}-half-after-{scale}"] = pipeline_images(pipeline)
     for scale in (0.0, 2.0):  # diffusers' own pipeline loses the weight after a scale of 0
         np.testing.assert_array_equal(images[f"ours-half-after-{scale}"], images["ours-half"])
@@ -143,6 +144,32 @@ def test_adapter_loads_into_diffusers_with_the_same_images(lora_run, tiny_pipeli
     np.testing.assert_allclose(images["ours-base"], images["diffusers-base"], atol=1e-4)
     np.testing.assert_allclose(images["ours-scale0"], images["ours-base"], atol=1e-6)  # scale 0 is the base model
     assert np.abs(images["ours-half"] - images["ours"]).max() > 1e-3
+
+
+def test_the_final_validation_image_is_sampled_with_the_saved_adapters(lora_run, tiny_pipeline_path):
+    """The run's last validation samples the base model with the adapters it saved, as users will load them."""
+    from PIL import Image
+
+    output_dir = lora_run[0]
+    options = json.loads((output_dir / "training_config.json").read_text())
+    pipeline = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
+    pipeline.set_progress_bar_config(disable=True)
+    size = options["resolution"]
+
+    def sample() -> np.ndarray:
+        image = pipeline(
+            PROMPT, height=size, width=size, generator=torch.Generator().manual_seed(options["seed"]),
+            num_inference_steps=options["validation_inference_steps"],
+            guidance_scale=options["validation_guidance_scale"],
+        ).images[0]  # fmt: skip
+        return np.asarray(image, dtype=np.int16)
+
+    base = sample()
+    pipeline.load_lora_weights(output_dir)
+    with Image.open(output_dir / "validation" / "step_24" / "0.png") as saved:
+        validation = np.asarray(saved.convert("RGB"), dtype=np.int16)
+    assert np.abs(validation - sample()).max() <= 1
+    assert np.abs(validation - base).max() > 5
 
 
 def test_pickle_lora_files_need_allow_pickle(lora_run, tiny_pipeline_path, tmp_path):

@@ -361,6 +361,23 @@ def test_images_that_overflowed_are_named_in_a_warning(pipe, monkeypatch, caplog
     assert "NaN" not in caplog.text
 
 
+def test_nan_images_in_np_are_named_and_a_float16_vae_alone_is_blamed(pipe, monkeypatch, caplog):
+    """The warning covers "np" output too, and a float16 VAE under a float32 UNet is named as the overflow."""
+    def nan_images(z, return_dict):
+        return (torch.full((z.shape[0], 3, 64, 64), float("nan"), dtype=z.dtype),)
+
+    monkeypatch.setattr(pipe.vae, "decode", nan_images)
+    with caplog.at_level(logging.WARNING, logger="latentdiff"):
+        pipe(PROMPTS[0], num_inference_steps=1, output_type="np")
+    assert "NaN or infinite values" in caplog.text and "the likely source is the scheduler" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(type(pipe.vae), "dtype", property(lambda vae: torch.float16))  # the weights stay as they are
+    assert pipe.vae.dtype == torch.float16 and pipe.unet.dtype == torch.float32
+    with caplog.at_level(logging.WARNING, logger="latentdiff"):
+        pipe(PROMPTS[0], num_inference_steps=1, output_type="np")
+    assert "the float16 UNet or VAE overflowed" in caplog.text
+
+
 def test_prompt_embeds_of_another_length_get_negatives_of_that_length_as_in_diffusers(pipe, tiny_pipeline_path):
     """Embeddings of fewer than 77 tokens (e.g. from a prompt-weighting tool): the negative prompt is embedded at
     their length, as diffusers does, instead of failing to concatenate; more than 77 need negative embeddings."""
@@ -659,6 +676,15 @@ def test_generate_images_rejects_bad_arguments(tiny_pipeline_path, tmp_path, kwa
     kwargs = {"prompts": PROMPTS, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate_images(str(tiny_pipeline_path), output_dir=tmp_path, **kwargs)
+
+
+def test_generate_images_names_a_cuda_index_past_the_last_gpu(tiny_pipeline_path, tmp_path, monkeypatch):
+    """With one GPU, cuda:0 is the only one: cuda:1 is refused before the model loads, naming how many there are."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"Device 'cuda:1': there are 1 CUDA devices \(cuda:0 \.\.\.\)"):
+        generate_images(str(tiny_pipeline_path), PROMPTS, output_dir=tmp_path, device="cuda:1")
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_model_with_only_fp16_weights_names_the_variant_and_generate_loads_it(tiny_pipeline_path, tmp_path):

@@ -489,6 +489,7 @@ def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(tmp_path, cap
         (dict(adam_beta2=1.0), ValueError, r"--adam_beta2 must be ≥ 0 and < 1 .*, got 1.0"),
         (dict(learning_rate=-1e-4), ValueError, r"--learning_rate must be a number > 0"),
         (dict(max_grad_norm=0), ValueError, r"--max_grad_norm must be a number > 0"),
+        (dict(checkpoints_total_limit=0), ValueError, r"--checkpoints_total_limit must be an integer ≥ 1, got 0"),
         (dict(noise_offset=-0.1), ValueError, r"--noise_offset must be a number ≥ 0, got -0.1"),
         (dict(snr_gamma=float("nan")), ValueError, r"--snr_gamma must be > 0"),
         (dict(lr_scheduler="bogus"), ValueError, r"--lr_scheduler must be one of \['linear', "),
@@ -746,8 +747,10 @@ def test_an_epoch_ending_mid_accumulation_is_a_step_and_the_logged_loss_is_the_m
     data = write_caption_folder(tmp_path / "ten", n=10)
     config = make_config(tiny_pipeline_path, data, tmp_path / "out", max_train_steps=None, num_train_epochs=2,
                          gradient_accumulation_steps=2)  # fmt: skip
-    train(config, [recorder])
+    output_dir = train(config, [recorder])
     assert sorted(recorder.logs) == [1, 2, 3, 4, 5, 6]
+    card = (output_dir / "README.md").read_text()  # the steps the epochs came to, not the unset option
+    assert "- max_train_steps: 6\n" in card and "- num_train_epochs: 2\n" in card
     assert recorder.losses() == pytest.approx([0.25] * 6)
 
 
