@@ -148,20 +148,20 @@ def test_adapter_loads_into_diffusers_with_the_same_images(lora_run, tiny_pipeli
 
 def test_the_final_validation_image_is_sampled_with_the_saved_adapters(lora_run, tiny_pipeline_path):
     """The run's last validation samples the base model with the adapters it saved, as users will load them."""
+    from accelerate import Accelerator
     from PIL import Image
+
+    from latentdiff.training.validation import generate_validation_images
 
     output_dir = lora_run[0]
     options = json.loads((output_dir / "training_config.json").read_text())
     pipeline = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path)
-    pipeline.set_progress_bar_config(disable=True)
-    size = options["resolution"]
 
     def sample() -> np.ndarray:
-        image = pipeline(
-            PROMPT, height=size, width=size, generator=torch.Generator().manual_seed(options["seed"]),
-            num_inference_steps=options["validation_inference_steps"],
-            guidance_scale=options["validation_guidance_scale"],
-        ).images[0]  # fmt: skip
+        (image,) = generate_validation_images(
+            pipeline, [PROMPT], options["seed"], options["validation_inference_steps"],
+            options["validation_guidance_scale"], options["resolution"], Accelerator(cpu=True),
+        )  # fmt: skip
         return np.asarray(image, dtype=np.int16)
 
     base = sample()
