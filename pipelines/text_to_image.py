@@ -93,20 +93,27 @@ class LatentDiffusionPipeline(
         self.vae.disable_tiling()
 
     def compile(
-        self, mode: str = "default", vae: bool = False, backend: str | Callable = "inductor"
+        self, mode: str | None = None, vae: bool = True, backend: str | Callable = "inductor"
     ) -> "LatentDiffusionPipeline":
-        r"""`torch.compile` the UNet (and optionally the VAE decoder) in place, as one graph each; returns `self`.
+        r"""`torch.compile` the UNet and the VAE decoder in place, as one graph each; returns `self`.
 
-        The first call compiles (a minute or more on a GPU); later calls of the same shape reuse the graph, and new
-        timesteps do not recompile (the sampling loop passes them as tensors, without host syncs). The models keep
-        their classes and state-dict keys, so the pipeline still saves and loads as usual.
+        The defaults are the fastest setting measured at SD-1.5 size (docs/performance.md: 0.40 s for 50 DDIM steps
+        with guidance at 512×512 on an H200, 2.3× diffusers' compiled pipeline). The first call compiles (a minute or
+        more on a GPU); later calls of the same shape reuse the graph, and new timesteps do not recompile (the
+        sampling loop passes them as tensors, without host syncs). The models keep their classes and state-dict
+        keys, so the pipeline still saves and loads as usual.
 
         Args:
-            mode (`str`, *optional*, defaults to `"default"`): `"default"`, `"reduce-overhead"` (CUDA graphs),
-                `"max-autotune"` or `"max-autotune-no-cudagraphs"`.
-            vae (`bool`, *optional*, defaults to `False`): Also compile the VAE decoder (one call per image).
+            mode (`str`, *optional*): `"reduce-overhead"` (CUDA graphs: one launch per UNet call; a new batch size
+                or resolution records one more graph), `"default"`, `"max-autotune"` or
+                `"max-autotune-no-cudagraphs"`. By default `"reduce-overhead"` with inductor (which leaves the CUDA
+                graphs out on a CPU) and `"default"` with another backend, where modes do not apply.
+            vae (`bool`, *optional*, defaults to `True`): Also compile the VAE decoder (one call per image, as many
+                FLOPs as one and a half guided UNet steps at 512×512).
             backend (`str` or `Callable`, *optional*, defaults to `"inductor"`): A `torch.compile` backend.
         """
+        if mode is None:
+            mode = "reduce-overhead" if backend == "inductor" else "default"
         return compile_pipeline(self, mode, vae, backend)
 
     # ---- the state callbacks may read (as in diffusers) --------------------------------------------------------

@@ -287,6 +287,22 @@ def test_compiled_pipeline_traces_the_unet_once_with_eager_images(tiny_pipeline_
     assert list(pipe.unet.state_dict()) == list(LatentDiffusionPipeline.from_pretrained(tiny_pipeline_path).unet.state_dict())
 
 
+def test_compile_defaults_to_the_measured_fastest_setting(pipe, monkeypatch):
+    """`pipe.compile()` without arguments is the setting docs/performance.md measured fastest: CUDA graphs
+    ("reduce-overhead") for the UNet and the VAE decoder. A backend other than inductor takes no mode."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((self, kwargs)))
+    pipe.compile()
+    assert [(module, kwargs.get("mode"), kwargs["backend"]) for module, kwargs in calls] == [
+        (pipe.unet, "reduce-overhead", "inductor"), (pipe.vae.decoder, "reduce-overhead", "inductor")]
+    calls.clear()
+    pipe.compile(backend="aot_eager")
+    assert [(module, "mode" in kwargs) for module, kwargs in calls] == [(pipe.unet, False), (pipe.vae.decoder, False)]
+    calls.clear()
+    pipe.compile(mode="max-autotune", vae=False)
+    assert [(module, kwargs.get("mode")) for module, kwargs in calls] == [(pipe.unet, "max-autotune")]
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_a_unet_that_reuses_its_output_buffer_gives_the_same_images(pipe, monkeypatch, name):
     """A UNet compiled with CUDA graphs (`pipe.compile("reduce-overhead")`) returns the same static buffer every
