@@ -215,7 +215,8 @@ class Bench:
         if not self.profile:
             return {}
         try:  # one call of a 50-step pipeline is ~1 M profiler events already: minutes of post-processing each
-            table, by_kind = profile_kernels(call, self.device, calls=1 if part in ("c", "d") else 3)
+            few_calls = part in ("a", "b")
+            table, by_kind = profile_kernels(call, self.device, calls=3 if few_calls else 1, shapes=few_calls)
         except Exception as error:  # noqa: BLE001  (a profiler failure must not lose the variant's timings)
             table, by_kind = f"profiling failed: {type(error).__name__}: {error}", {}
         with open(self.profile, "a") as handle:

@@ -42,13 +42,20 @@ def kernel_kind(name: str) -> str:
     return OTHER
 
 
-def profile_kernels(fn: Callable[[], object], device: torch.device, calls: int = 3) -> tuple[str, dict[str, float]]:
+def profile_kernels(
+    fn: Callable[[], object], device: torch.device, calls: int = 3, shapes: bool = False
+) -> tuple[str, dict[str, float]]:
     """Profile `calls` calls of `fn`: the operator/kernel table (largest self time first) and milliseconds per
     call by kind (`kernel_kind`), from the kernels' self device time on a GPU or the operators' self CPU time on a
-    CPU (self times: nested operators are not counted twice)."""
+    CPU (self times: nested operators are not counted twice).
+
+    With `shapes`, a second table follows: the operators split by their input shapes, which says what a kernel
+    kind is spent on (which tensors 96 copies a step copy, say). Recording shapes costs profiler time, so it is
+    for the few-call parts, not a 50-step pipeline.
+    """
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=activities, record_shapes=shapes) as profiler:
         for _ in range(calls):
             fn()
         if cuda:
@@ -56,6 +63,12 @@ def profile_kernels(fn: Callable[[], object], device: torch.device, calls: int =
     events = profiler.key_averages()
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = events.table(sort_by=sort_by, row_limit=40, max_name_column_width=90)
+    if shapes:
+        by_shape = profiler.key_averages(group_by_input_shape=True)
+        table += "\n\nOperators by input shape:\n" + by_shape.table(
+            sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=30, max_name_column_width=40,
+            max_shapes_column_width=120,
+        )
     by_kind: dict[str, float] = {}
     for event in events:
         if cuda and event.device_type != DeviceType.CUDA:

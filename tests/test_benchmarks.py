@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,10 @@ def test_kernels_are_sorted_into_kinds_and_summed_per_call(tmp_path):
     table, by_kind = kernel_time.profile_kernels(lambda: torch.nn.functional.silu(linear(x)), torch.device("cpu"))
     assert "aten::addmm" in table and set(by_kind) >= {"gemm/conv", "elementwise"}
     assert list(by_kind.values()) == sorted(by_kind.values(), reverse=True)  # largest first
+    assert "input shape" not in table
+    table, _ = kernel_time.profile_kernels(lambda: linear(x).t().contiguous(), torch.device("cpu"), shapes=True)
+    by_shape = table.split("Operators by input shape:")[1]
+    assert re.search(r"aten::copy_ .*\[\[64, 256\], \[64, 256\], \[\]\]", by_shape)  # the transposed copy, by shape
 
 
 def test_profiled_training_step_reports_its_time_by_kind(gpu, tmp_path):
