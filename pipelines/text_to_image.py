@@ -98,7 +98,7 @@ class LatentDiffusionPipeline(
         r"""`torch.compile` the UNet and the VAE decoder in place, as one graph each; returns `self`.
 
         The defaults are the fastest setting measured at SD-1.5 size (docs/performance.md: 0.40 s for 50 DDIM steps
-        with guidance at 512×512 on an H200, 2.3× diffusers' compiled pipeline). The first call compiles (a minute or
+        with guidance at 512×512 on an H200, 2.3× diffusers' compiled pipeline; the decoder had CUDA graphs then). The first call compiles (a minute or
         more on a GPU); later calls of the same shape reuse the graph, and new timesteps do not recompile (the
         sampling loop passes them as tensors, without host syncs). The models keep their classes and state-dict
         keys, so the pipeline still saves and loads as usual.
@@ -109,7 +109,8 @@ class LatentDiffusionPipeline(
                 `"max-autotune-no-cudagraphs"`. By default `"reduce-overhead"` with inductor (which leaves the CUDA
                 graphs out on a CPU) and `"default"` with another backend, where modes do not apply.
             vae (`bool`, *optional*, defaults to `True`): Also compile the VAE decoder (one call per image, as many
-                FLOPs as one and a half guided UNet steps at 512×512).
+                FLOPs as one and a half guided UNet steps at 512×512), in `mode` without CUDA graphs, which VAE
+                slicing and tiling could not use.
             backend (`str` or `Callable`, *optional*, defaults to `"inductor"`): A `torch.compile` backend.
         """
         if mode is None:
