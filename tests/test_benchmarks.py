@@ -122,7 +122,9 @@ def test_profile_appends_one_kernel_table_per_variant(gpu, tmp_path):
         assert figures["kernel_ms_by_kind"]["gemm/conv"] > 0
     text = (tmp_path / "kernels.txt").read_text()
     assert [line for line in text.splitlines() if line.startswith("## ")] == ["## b ours/eager", "## b ours/compile"]
-    assert text.count("aten::convolution ") == 2
+    assert text.count("Operators by input shape:") == 2  # part b's tables end with the operators by shape
+    assert text.count("aten::convolution ") == 4
+    assert len(re.findall(r"aten::convolution .*\[\[1, 3, 8, 8\], \[4, 3, 3, 3\], \[4\]", text)) == 2
     bench.profile = None
     assert bench.profile_calls("b", "ours", gpu.Variant("eager"), lambda: conv(image)) == {}
 
