@@ -98,10 +98,10 @@ class LatentDiffusionPipeline(
         r"""`torch.compile` the UNet and the VAE decoder in place, as one graph each; returns `self`.
 
         The defaults are the fastest setting measured at SD-1.5 size (docs/performance.md: 0.40 s for 50 DDIM steps
-        with guidance at 512×512 on an H200, 2.3× diffusers' compiled pipeline; the decoder had CUDA graphs then). The first call compiles (a minute or
-        more on a GPU); later calls of the same shape reuse the graph, and new timesteps do not recompile (the
-        sampling loop passes them as tensors, without host syncs). The models keep their classes and state-dict
-        keys, so the pipeline still saves and loads as usual.
+        with guidance at 512×512 on an H200, 2.3× diffusers' compiled pipeline; the decoder had CUDA graphs then).
+        The first call compiles (a minute or more on a GPU); later calls of the same shape reuse the graph, and new
+        timesteps do not recompile (the sampling loop passes them as tensors, without host syncs). The models keep
+        their classes and state-dict keys, so the pipeline still saves and loads as usual.
 
         Args:
             mode (`str`, *optional*): `"reduce-overhead"` (CUDA graphs: one launch per UNet call; a new batch size
